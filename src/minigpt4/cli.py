@@ -1,0 +1,49 @@
+"""The `minigpt4` command line.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`;
+the table below is the whole list. Modules are imported only when their command runs, so
+`minigpt4 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "loss": ("minigpt4.commands.loss", "build a model and print its loss on an image and a caption"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt4", description="MiniGPT-4: train, chat, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    position = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if position is None or argv[position] not in COMMANDS:
+        _top_parser().parse_args(argv)  # prints usage and exits
+        return 2
+    name = argv.pop(position)
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"minigpt4 {name}", description=COMMANDS[name][1])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `minigpt4` subcommand, each with `add_arguments(parser)` and `run(args)`."""

@@ -1,0 +1,260 @@
+"""Typed configuration.
+
+Every setting lives in a dataclass whose defaults are the released MiniGPT-4 (Vicuna v0 13B layout,
+EVA-ViT-g/14, BLIP-2 Q-Former). A YAML file overrides only what differs, and `section.key=value`
+strings from the command line override the YAML. Unknown keys and wrong types are errors that name
+the key, so a typo never falls back silently to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder. Defaults: EVA-ViT-g/14 as MiniGPT-4 builds it (39 of 40 blocks)."""
+
+    arch: Literal["eva_vit_g", "efficientnet_lite0"] = "eva_vit_g"
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39
+    num_heads: int = 16
+    mlp_dim: int = 6144  # int(1408 * 4.3637)
+    layer_norm_eps: float = 1e-6
+    # ln_vision sits between the tower and the Q-Former; it has PyTorch's default eps, not the ViT's.
+    ln_vision_eps: float = 1e-5
+
+
+@dataclass
+class QFormerConfig:
+    """The BLIP-2 Q-Former query path (BERT-base with cross-attention every 2nd layer)."""
+
+    num_query_tokens: int = 32
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    # Frozen in MiniGPT-4. Only the embedded CPU preset trains it, because no pretrained
+    # Q-Former exists for its vision tower.
+    trainable: bool = False
+
+
+@dataclass
+class LLMConfig:
+    """The frozen causal language model, loaded through transformers' AutoModelForCausalLM."""
+
+    path: str = ""  # a Hugging Face model folder (Vicuna v0 7B/13B in the release)
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class WeightsConfig:
+    """Where the weights come from. Empty paths leave those parts randomly initialised (tests)."""
+
+    vit: str = ""  # eva_vit_g.pth
+    blip2: str = ""  # blip2_pretrained_flant5xxl.pth
+    projection: str = ""  # pretrained_minigpt4.pth, prerained_minigpt4_7b.pth or a training checkpoint
+    pretrained: str = ""  # a folder written by MiniGPT4.save_pretrained; replaces vit/blip2/projection
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    # Storage and compute dtype of the frozen parts. The trainable projection always stays fp32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"  # any torch device string: "cpu", "cuda:1", "npu:0", "mps", ...
+    # Attention kernel of the vision tower and Q-Former ("eager" is the plain reference math).
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where no information is lost."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)} ({'; '.join(errors)})")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        val_tp = args[1] if args else Any
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (JSON/YAML-safe) of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-4", "model.llm.path=/x"] into a nested dict. Values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({err})") from err
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is already set to a plain value")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base`."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then `section.key=value` overrides."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def model_preset(name: str) -> ModelConfig:
+    """Named model configurations: the two released MiniGPT-4 models and a tiny one for tests.
+
+    The 7B and 13B presets differ only in the LLM they point at; the projection's output width is
+    read from the loaded LLM, so it is not restated here.
+    """
+    if name in ("minigpt4-13b", "minigpt4-7b"):
+        return ModelConfig()
+    if name == "tiny":
+        return ModelConfig(
+            vision=VisionConfig(width=32, depth=2, num_heads=4, mlp_dim=64),
+            qformer=QFormerConfig(
+                num_query_tokens=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+            ),
+        )
+    raise ConfigError(f"unknown model preset {name!r}; choose one of minigpt4-13b, minigpt4-7b, tiny")
+
+
+def model_config(preset: str = "minigpt4-13b", path: str | Path | None = None, overrides: list[str] | None = None) -> ModelConfig:
+    """A model preset, then a YAML file of model keys, then `key=value` overrides."""
+    data = to_dict(model_preset(preset))
+    if path is not None:
+        data = merge(data, read_yaml(path))
+    return from_dict(ModelConfig, merge(data, parse_overrides(overrides or [])))

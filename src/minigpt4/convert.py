@@ -1,0 +1,303 @@
+"""Strict loading of the original MiniGPT-4 / BLIP-2 / EVA checkpoint files.
+
+Each loader maps the file's keys onto this package's module names with an explicit table, then
+loads every submodule strictly: a missing, unexpected or mis-shaped tensor is an error that names
+it. The keys a file holds on purpose but that are not used are listed below with the reason, and
+logged when skipped. Files are read with `torch.load(weights_only=True)`: nothing is unpickled
+beyond tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import re
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from minigpt4.model.vision import interpolate_pos_embed
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, of the wrong kind, or does not fit the model."""
+
+
+# BLIP-2 file keys that MiniGPT-4 does not use, and why.
+BLIP2_IGNORED = [
+    (r"^t5_proj\.", "the FlanT5 projection of BLIP-2 (MiniGPT-4 has its own projection)"),
+    (r"^t5_model\.", "the FlanT5 language model of BLIP-2"),
+    (r"^Qformer\.cls\.", "the Q-Former's MLM head (text path, unused)"),
+    (r"^Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\.", "Q-Former text embeddings (unused)"),
+    (r"^Qformer\.bert\.embeddings\.position_ids$", "a constant buffer"),
+    (r"^Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.", "the Q-Former's text feed-forward (unused)"),
+    (r"^(vision_proj|text_proj|itm_head)\.|^temp$", "BLIP-2 stage-1 contrastive/matching heads"),
+]
+
+# Entries of a MiniGPT-4 checkpoint's "model" dict besides llama_proj.*: the original runner
+# saved every persistent buffer along with the trainable weights.
+PROJECTION_IGNORED = [
+    (r"^Qformer\.bert\.embeddings\.position_ids$", "a constant buffer saved by the original runner"),
+    (r"^llama_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", "a constant rotary buffer"),
+]
+
+# Q-Former: original name (after "Qformer.bert.") -> ours (after "qformer.").
+_QFORMER_RENAMES = [
+    (r"^embeddings\.LayerNorm\.", "embed_norm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1.self_attn."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.self\.", r"layers.\1.cross_attn."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attn.out."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attn.norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"layers.\1.ffn.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.dense\.", r"layers.\1.ffn.fc2."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"layers.\1.ffn.norm."),
+]
+
+KNOWN_LLM_SIZES = {4096: "a 7B LLaMA/Vicuna", 5120: "a 13B LLaMA/Vicuna", 6656: "a 33B LLaMA/Vicuna"}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a `.pth` (zip or legacy pickle, tensors only) or `.safetensors` file into a dict.
+
+    Raises CheckpointError, naming the file, for an empty file, an HTML page saved by a failed
+    download, a truncated or corrupt archive, or anything that is not a checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download did not complete")
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    lowered = head.lstrip().lower()
+    if lowered.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<")):
+        raise CheckpointError(
+            f"{path} is an HTML/XML page ({size} bytes), not a checkpoint: a failed download "
+            "(e.g. a Google Drive confirmation or error page). Download the file again."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes): {err}") from err
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: no zip or pickle header ({size} bytes)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers; refusing to unpickle it ({err})"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): {err}") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Strict assignment
+# --------------------------------------------------------------------------------------------
+
+
+def _names(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def assign_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, expected: Iterable[str] | None = None
+) -> None:
+    """Load `state` into the submodules of `model` that its keys name, strictly.
+
+    Every tensor of each named top-level submodule must be in `state`, with the right shape, and
+    `state` may hold nothing else; `expected` additionally lists keys that must all be present.
+    The tensors are assigned (not copied), so a model built on the meta device loads in place.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in state.items():
+        head, _, rest = key.partition(".")
+        groups[head][rest] = tensor
+    problems = []
+    required = set(expected or [])
+    unknown = [k for k in state if k.partition(".")[0] not in dict(model.named_children())]
+    if unknown:
+        problems.append(f"unexpected keys: {_names(unknown)}")
+    for head, sub in groups.items():
+        target = dict(model.named_children()).get(head)
+        if target is None:
+            continue
+        own = target.state_dict()
+        required |= {f"{head}.{k}" for k in own}
+        extra = set(sub) - set(own)
+        if extra:
+            problems.append(f"unexpected keys: {_names(head + '.' + k for k in extra)}")
+        wrong = [
+            f"{head}.{k} (file {tuple(sub[k].shape)}, model {tuple(own[k].shape)})"
+            for k in sub.keys() & own.keys()
+            if sub[k].shape != own[k].shape
+        ]
+        if wrong:
+            problems.append(f"shape mismatches: {_names(wrong)}")
+    missing = required - set(state)
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    for head, sub in groups.items():
+        getattr(model, head).load_state_dict(sub, strict=True, assign=True)
+
+
+def _split_ignored(
+    state: dict[str, torch.Tensor], ignored: list[tuple[str, str]], source: str
+) -> dict[str, torch.Tensor]:
+    kept, skipped = {}, defaultdict(list)
+    for key, tensor in state.items():
+        reason = next((why for pattern, why in ignored if re.search(pattern, key)), None)
+        if reason is None:
+            kept[key] = tensor
+        else:
+            skipped[reason].append(key)
+    for reason, keys in skipped.items():
+        log.info("%s: skipping %d tensor(s), %s: %s", source, len(keys), reason, _names(keys, 4))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# The three original files
+# --------------------------------------------------------------------------------------------
+
+
+def eva_vit_state_dict(state: dict[str, torch.Tensor], depth: int, num_patches: int, source: str) -> dict[str, torch.Tensor]:
+    """Map `eva_vit_g.pth` keys to `vision.*`, dropping the last stored block on purpose.
+
+    EVA-CLIP-g stores 40 blocks; MiniGPT-4 (after BLIP-2) builds 39, so the output is the
+    second-to-last layer of the original network. Block indices must be contiguous.
+    """
+    blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if blocks != list(range(len(blocks))):
+        raise CheckpointError(f"{source}: block indices are not contiguous from 0: {blocks}")
+    if len(blocks) not in (depth, depth + 1):
+        raise CheckpointError(
+            f"{source} stores {len(blocks)} ViT blocks; vision.depth={depth} needs {depth + 1} "
+            f"(the last one is dropped on purpose) or exactly {depth}"
+        )
+    out = {}
+    for key, tensor in state.items():
+        if key.startswith(f"blocks.{depth}."):
+            continue  # the 40th block: not built, on purpose
+        if key == "pos_embed":
+            tensor = interpolate_pos_embed(tensor, num_patches)
+        out[f"vision.{key}"] = tensor
+    if len(blocks) == depth + 1:
+        log.info("%s: block %d is not used (MiniGPT-4 builds %d blocks on purpose)", source, depth, depth)
+    return out
+
+
+def load_eva_vit(model: nn.Module, path: str | Path) -> None:
+    """Load `eva_vit_g.pth` (a plain state dict without prefix) into `model.vision`."""
+    state = read_checkpoint(path)
+    if "model" in state and isinstance(state["model"], dict):
+        raise CheckpointError(
+            f"{path} is a wrapped training checkpoint (it has a 'model' entry), not the plain eva_vit_g.pth state dict"
+        )
+    cfg = model.config.vision
+    if cfg.arch != "eva_vit_g":
+        raise CheckpointError(f"{path}: eva_vit_g.pth needs vision.arch=eva_vit_g, the config has {cfg.arch!r}")
+    num_patches = (cfg.image_size // cfg.patch_size) ** 2
+    mapped = eva_vit_state_dict(state, cfg.depth, num_patches, str(path))
+    vision_keys = {f"vision.{k}" for k in model.vision.state_dict()}
+    assign_strict(model, mapped, source=str(path), expected=vision_keys)
+
+
+def blip2_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Map BLIP-2 keys to ours: ln_vision.*, qformer.*, and vision.* when the file carries the ViT."""
+    out = {}
+    for key, tensor in _split_ignored(state, BLIP2_IGNORED, source).items():
+        if key == "query_tokens":
+            out["qformer.query_tokens"] = tensor
+        elif key.startswith("ln_vision."):
+            out[key] = tensor
+        elif key.startswith("visual_encoder."):
+            out["vision." + key.removeprefix("visual_encoder.")] = tensor
+        elif key.startswith("Qformer.bert."):
+            rest = key.removeprefix("Qformer.bert.")
+            for pattern, replacement in _QFORMER_RENAMES:
+                renamed, hits = re.subn(pattern, replacement, rest)
+                if hits:
+                    out["qformer." + renamed] = tensor
+                    break
+            else:
+                out[key] = tensor  # left unmapped, so assign_strict reports it as unexpected
+        else:
+            out[key] = tensor
+    return out
+
+
+def load_blip2(model: nn.Module, path: str | Path) -> None:
+    """Load `blip2_pretrained_flant5xxl.pth` ({"model": {...}}) into ln_vision and the Q-Former.
+
+    If the file also carries `visual_encoder.*`, those replace the ViT weights (as loading it
+    after eva_vit_g.pth does in the original); they must then cover the whole tower.
+    """
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' entry: not a LAVIS BLIP-2 checkpoint")
+    mapped = blip2_state_dict(ckpt["model"], str(path))
+    vision = {k: v for k, v in mapped.items() if k.startswith("vision.")}
+    if vision:
+        log.info("%s carries visual_encoder.* (%d tensors): they replace the ViT weights", path, len(vision))
+        cfg = model.config.vision
+        if "vision.pos_embed" in vision:
+            vision["vision.pos_embed"] = interpolate_pos_embed(
+                vision["vision.pos_embed"], (cfg.image_size // cfg.patch_size) ** 2
+            )
+        mapped.update(vision)
+    required = {f"ln_vision.{k}" for k in model.ln_vision.state_dict()} | {
+        f"qformer.{k}" for k in model.qformer.state_dict()
+    }
+    assign_strict(model, mapped, source=str(path), expected=required)
+
+
+def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{source} has no 'model' entry: not a MiniGPT-4 checkpoint")
+    state = _split_ignored(ckpt["model"], PROJECTION_IGNORED, source)
+    if "llama_proj.weight" not in state or "llama_proj.bias" not in state:
+        raise CheckpointError(
+            f"{source} has no llama_proj.weight/llama_proj.bias: not a MiniGPT-4 projection checkpoint "
+            f"(its 'model' entry holds {_names(state, 6) or 'nothing'})"
+        )
+    return {("proj." + k.removeprefix("llama_proj.")) if k.startswith("llama_proj.") else k: v for k, v in state.items()}
+
+
+def load_projection(model: nn.Module, path: str | Path) -> None:
+    """Load `llama_proj.*` from a MiniGPT-4 checkpoint (release file or training checkpoint)."""
+    mapped = projection_state_dict(read_checkpoint(path), str(path))
+    file_width = mapped["proj.weight"].shape[0]
+    llm_width = model.proj.weight.shape[0]
+    if file_width != llm_width:
+        raise CheckpointError(
+            f"{path} holds a projection for an LLM of hidden size {file_width} "
+            f"({KNOWN_LLM_SIZES.get(file_width, 'another model')}), but the loaded LLM has hidden size "
+            f"{llm_width} ({KNOWN_LLM_SIZES.get(llm_width, 'another model')}). Use the checkpoint made for "
+            "this LLM: prerained_minigpt4_7b.pth goes with Vicuna-7B, pretrained_minigpt4.pth with Vicuna-13B."
+        )
+    assign_strict(model, mapped, source=str(path), expected={"proj.weight", "proj.bias"})

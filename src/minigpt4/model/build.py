@@ -1,0 +1,46 @@
+"""One function from a ModelConfig to a ready MiniGPT4, whatever the weights' source."""
+
+from __future__ import annotations
+
+import logging
+
+from minigpt4 import convert
+from minigpt4.config import ModelConfig
+from minigpt4.model.llm import DTYPES, load_llm
+from minigpt4.model.minigpt4 import MiniGPT4
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ModelConfig) -> MiniGPT4:
+    """Build MiniGPT-4 as `cfg` describes and load the weights it names.
+
+    Order: `weights.pretrained` (our folder) alone; otherwise the LLM from `llm.path`, the towers
+    from `weights.vit` + `weights.blip2` (the released files), then `weights.projection`. Towers
+    with no file stay random, which is only meant for tests and benchmarks, and is logged.
+    """
+    dtype = DTYPES[cfg.dtype]
+    if cfg.weights.pretrained:
+        return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype)
+    if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and cfg.weights.blip2:
+        projection = cfg.weights.projection or None
+        return MiniGPT4.from_original(
+            cfg.weights.vit, cfg.weights.blip2, cfg.llm.path, projection, dtype=dtype, device=cfg.device, config=cfg
+        )
+    if cfg.weights.vit or cfg.weights.blip2:
+        raise ValueError(
+            "model.weights.vit and model.weights.blip2 go together (eva_vit_g.pth and "
+            "blip2_pretrained_flant5xxl.pth); set both, or neither for random towers"
+        )
+    llm, tokenizer = load_llm(cfg.llm, dtype, cfg.device)
+    model = MiniGPT4(cfg, llm, tokenizer)
+    if cfg.vision.arch == "efficientnet_lite0":
+        from minigpt4.model.efficientnet import load_efficientnet_lite0_weights
+
+        load_efficientnet_lite0_weights(model.vision)
+    else:
+        log.warning("model.weights.vit/blip2 are not set: the vision tower and Q-Former are RANDOM")
+    if cfg.weights.projection:
+        convert.load_projection(model, cfg.weights.projection)
+    model.lock()
+    return model.place(cfg.device, dtype)

@@ -1,0 +1,93 @@
+"""Loading the frozen language model and its tokenizer from a local Hugging Face folder.
+
+Any causal LM that `AutoModelForCausalLM` reads works; Vicuna v0 (LLaMA format) is the default.
+Nothing is fetched from a hub: a missing folder is an error that names `model.llm.path`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import normalizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from minigpt4.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def restore_sentencepiece_prefix(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make a LLaMA SentencePiece tokenizer split text exactly like `sentencepiece` itself.
+
+    transformers 5 loads LLaMA tokenizers with a Metaspace pre-tokenizer that drops the dummy "▁"
+    SentencePiece adds in front of text that already starts with a space, so ids differ from the
+    ones Vicuna and MiniGPT-4 were trained with. Prepending "▁" and replacing spaces in the
+    normaliser instead restores SentencePiece's behaviour (tested against `sentencepiece`).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.pre_tokenizer).__name__ != "Metaspace":
+        return
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer, with pad = eos when it has no pad token and right padding (training)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if type(tokenizer).__name__.startswith("LlamaTokenizer"):
+        restore_sentencepiece_prefix(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _quantization_config(cfg: LLMConfig, device: torch.device):
+    if cfg.quantization == "none":
+        return None
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"model.llm.quantization={cfg.quantization!r} needs bitsandbytes on a CUDA GPU, but the device is "
+            f"{device}. Use model.llm.quantization=none (and model.dtype=bfloat16 to halve memory)."
+        )
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            f"model.llm.quantization={cfg.quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
+        ) from err
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+
+
+def load_llm(
+    cfg: LLMConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen LLM and its tokenizer from `cfg.path`; all parameters get requires_grad=False."""
+    path = Path(cfg.path).expanduser()
+    if not cfg.path or not path.is_dir():
+        raise FileNotFoundError(
+            f"model.llm.path={cfg.path!r} is not a folder. Point it at a Hugging Face model folder "
+            "(config.json, weights, tokenizer), e.g. model.llm.path=/models/vicuna-7b-v0"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.llm.path={cfg.path!r} has no config.json: not a Hugging Face model folder")
+    device = torch.device(device)
+    quantization = _quantization_config(cfg, device)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantization is None:
+        llm.to(device)
+    llm.requires_grad_(False)
+    llm.eval()
+    # Training never reuses a KV cache; generation asks for one explicitly.
+    llm.config.use_cache = False
+    return llm, load_tokenizer(path)

@@ -1,0 +1,290 @@
+"""MiniGPT-4: a frozen vision tower + Q-Former, one trainable projection, a frozen causal LLM."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from minigpt4.config import ModelConfig, from_dict, to_dict
+from minigpt4.model.llm import DTYPES, load_llm
+from minigpt4.model.qformer import QFormer
+from minigpt4.model.vision import build_vision_tower
+from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
+
+log = logging.getLogger(__name__)
+
+# LLMs whose logits are exactly lm_head(last hidden state): for these the loss applies the head
+# only at target positions, which saves most of the vocabulary matmul.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"})
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1
+
+
+def find_meta_tensors(module: nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device (i.e. never loaded)."""
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+class MiniGPT4(nn.Module):
+    """The MiniGPT-4 model.
+
+    The constructor only builds modules from `config` around an already loaded `llm`; it reads no
+    file. Use `from_original` (released checkpoints) or `from_pretrained` (our format) to get weights.
+
+    Args:
+        config: the model configuration.
+        llm: the causal language model; its hidden size sets the projection's output width.
+        tokenizer: the LLM's tokenizer.
+        towers_on_meta: create the vision tower, ln_vision and Q-Former without storage, for a
+            loader that assigns every tensor right after (saves a full copy of a 1B-parameter ViT).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        towers_on_meta: bool = False,
+    ):
+        super().__init__()
+        self.config = config
+        with torch.device("meta") if towers_on_meta else torch.device("cpu"):
+            self.vision = build_vision_tower(config.vision, config.attn_implementation)
+            self.ln_vision = nn.LayerNorm(self.vision.num_features, eps=config.vision.ln_vision_eps)
+            self.qformer = QFormer(config.qformer, self.vision.num_features, config.attn_implementation)
+        self.proj = nn.Linear(config.qformer.hidden_size, llm.config.hidden_size)  # "llama_proj"
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.lock()
+
+    # ---------------------------------------------------------------- freezing and placement
+
+    def frozen_modules(self) -> list[nn.Module]:
+        frozen = [self.vision, self.ln_vision, self.llm]
+        if not self.config.qformer.trainable:
+            frozen.append(self.qformer)
+        return frozen
+
+    def lock(self) -> None:
+        """Freeze everything but the projection (and the Q-Former where the config trains it)."""
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> "MiniGPT4":
+        """Switch the trainable parts to `mode`; the frozen towers always stay in eval mode."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def place(self, device: str | torch.device, dtype: torch.dtype) -> "MiniGPT4":
+        """Move to `device`; frozen towers run in `dtype`; trainable weights stay fp32."""
+        device = torch.device(device)
+        self.vision.to(device, dtype)
+        self.ln_vision.to(device, dtype)
+        self.qformer.to(device, torch.float32 if self.config.qformer.trainable else dtype)
+        self.proj.to(device, torch.float32)
+        if getattr(self.llm, "hf_quantizer", None) is None:
+            self.llm.to(device, dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj.weight.device
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.qformer.num_query_tokens
+
+    # ---------------------------------------------------------------- forward pieces
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, num_query_tokens, H_llm) projected image embeddings."""
+        return self.project(self.image_features(pixel_values))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen part of image encoding: (B, 3, H, W) -> (B, N_img, C) normalised tower tokens.
+
+        Its output depends only on the frozen weights, so it can be cached per image.
+        """
+        tower_dtype = self.ln_vision.weight.dtype
+        with torch.no_grad():
+            return self.ln_vision(self.vision(pixel_values.to(self.device, tower_dtype)))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N_img, C) tower tokens -> Q-Former -> projection -> (B, Q, H_llm)."""
+        qformer_dtype = self.qformer.query_tokens.dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.qformer.trainable):
+            queries = self.qformer(features.to(qformer_dtype))  # (B, Q, C_qformer)
+        return self.proj(queries.to(self.proj.weight.dtype))
+
+    def embed(self, batch: LayoutBatch, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `batch` with the image embeddings written at its image positions.
+
+        `image_embeds` is (num_images, Q, H) in the order the images appear, row by row.
+        """
+        embeds = self.llm.get_input_embeddings()(batch.input_ids)  # (B, L, H)
+        slots = int(batch.image_mask.sum())
+        if slots != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"the prompt has {slots} image positions but {image_embeds.shape[0]} images of "
+                f"{image_embeds.shape[1]} tokens were given"
+            )
+        mask = batch.image_mask.unsqueeze(-1).expand_as(embeds)
+        return embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+
+    def lm_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Causal-LM cross-entropy, a mean over every target token of the batch (as HF computes it)."""
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        if self.llm.config.model_type in _PLAIN_HEAD_MODEL_TYPES:
+            hidden = self.llm.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (T, V) at target positions only
+        else:
+            logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+            logits = logits[:, :-1][keep]
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def loss_from_image_embeds(
+        self,
+        image_embeds: torch.Tensor,
+        texts: list[str],
+        prompt: str | None = None,
+        end_sym: str = "\n",
+        max_txt_len: int = 32,
+    ) -> torch.Tensor:
+        """The training loss given projected image embeddings (B, Q, H); see `loss`."""
+        batch = layout_batch(self.tokenizer, texts, self.num_image_tokens, prompt, end_sym, max_txt_len)
+        batch = batch.to(self.device)
+        return self.lm_loss(self.embed(batch, image_embeds), batch.attention_mask, batch.labels)
+
+    def loss(
+        self,
+        pixel_values: torch.Tensor,
+        texts: list[str],
+        prompt: str | None = None,
+        end_sym: str = "\n",
+        max_txt_len: int = 32,
+    ) -> torch.Tensor:
+        """Mean token cross-entropy of `texts` given the images, exactly as MiniGPT-4 computes it.
+
+        Args:
+            pixel_values: (B, 3, H, W) normalised images.
+            texts: B target texts (captions or descriptions).
+            prompt: the formatted prompt containing `<ImageHere>`; None for stage 1 (no prompt).
+            end_sym: appended to every target ("\\n" stage 1, "###" stage 2).
+            max_txt_len: truncation of target + end_sym, in tokens (32 stage 1, 160 stage 2).
+        """
+        return self.loss_from_image_embeds(self.encode_images(pixel_values), texts, prompt, end_sym, max_txt_len)
+
+    # ---------------------------------------------------------------- weights
+
+    def tower_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything except the LLM: vision.*, ln_vision.*, qformer.*, proj.*."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.")}
+
+    def load_tower_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Strictly load `tower_state_dict()` keys; every missing or unexpected key is named."""
+        from minigpt4.convert import assign_strict
+
+        assign_strict(self, state, source=source, expected=self.tower_state_dict().keys())
+
+    @classmethod
+    def from_original(
+        cls,
+        vit: str | Path,
+        blip2: str | Path,
+        llm: str | Path,
+        projection: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        config: ModelConfig | None = None,
+    ) -> "MiniGPT4":
+        """Build MiniGPT-4 from the released files, each loaded strictly.
+
+        Args:
+            vit: `eva_vit_g.pth`.
+            blip2: `blip2_pretrained_flant5xxl.pth`.
+            llm: the Vicuna (or other causal LM) folder in Hugging Face format.
+            projection: `pretrained_minigpt4.pth` / `prerained_minigpt4_7b.pth` / a training
+                checkpoint; None leaves the projection randomly initialised (stage-1 start).
+        """
+        from minigpt4 import convert
+
+        config = from_dict(ModelConfig, to_dict(config or ModelConfig()))
+        config.llm.path = str(llm)
+        config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+        config.device = str(device)
+        llm_model, tokenizer = load_llm(config.llm, dtype, device)
+        model = cls(config, llm_model, tokenizer, towers_on_meta=True)
+        convert.load_eva_vit(model, vit)
+        convert.load_blip2(model, blip2)
+        missing = find_meta_tensors(model)
+        if missing:
+            raise convert.CheckpointError(f"no checkpoint provided these tensors: {', '.join(missing)}")
+        if projection is not None:
+            convert.load_projection(model, projection)
+        model.lock()
+        return model.place(device, dtype)
+
+    def save_pretrained(self, directory: str | Path, include_llm: bool = False) -> None:
+        """Write `config.json` and `model.safetensors` (vision, ln_vision, Q-Former, projection).
+
+        The LLM is referenced by `model.llm.path` (it is frozen and usually large). With
+        `include_llm=True`, or when the config has no LLM path, it is saved to `directory/llm`.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = from_dict(ModelConfig, to_dict(self.config))
+        if include_llm or not config.llm.path:
+            self.llm.save_pretrained(directory / "llm")
+            self.tokenizer.save_pretrained(directory / "llm")
+            config.llm.path = "llm"
+        else:
+            config.llm.path = str(Path(config.llm.path).expanduser().resolve())
+        state = {k: v.detach().contiguous() for k, v in self.tower_state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"format_version": FORMAT_VERSION, "model": to_dict(config)}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "MiniGPT4":
+        """Load a folder written by `save_pretrained`. A relative LLM path is relative to the folder."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a folder written by save_pretrained")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: unsupported format_version {meta.get('format_version')!r}")
+        config = from_dict(ModelConfig, meta["model"])
+        llm_path = Path(config.llm.path)
+        if not llm_path.is_absolute():
+            config.llm.path = str(directory / llm_path)
+        if device is not None:
+            config.device = str(device)
+        if dtype is not None:
+            config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+        torch_dtype = DTYPES[config.dtype]
+        llm_model, tokenizer = load_llm(config.llm, torch_dtype, config.device)
+        model = cls(config, llm_model, tokenizer, towers_on_meta=True)
+        model.load_tower_state_dict(load_file(str(directory / WEIGHTS_NAME)), source=str(directory / WEIGHTS_NAME))
+        model.lock()
+        return model.place(config.device, torch_dtype)

@@ -1,0 +1,1 @@
+"""Image transforms, caption processing and the prompt/label layout."""

@@ -1,0 +1,149 @@
+"""The one place that lays out a sample for the LLM, for training and for chat alike.
+
+    [BOS][text before image][image embeddings x Q][text after image]...[target + end_sym][padding]
+
+Each text segment between images is tokenized on its own without special tokens (the original
+does the same, so SentencePiece gives each piece its own leading "▁"). Image positions are marked
+in `image_mask`; the model writes the projected image embeddings there. Labels are -100 everywhere
+except the target tokens. Token ids always come from the tokenizer, never from constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+IGNORE_INDEX = -100
+
+# Stage-2 instruction template of the released model (note the trailing space).
+VICUNA_V0_TEMPLATE = "###Human: {} ###Assistant: "
+
+
+@dataclass
+class LaidOut:
+    """One sample, before padding."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_mask: list[bool]
+
+
+@dataclass
+class LayoutBatch:
+    """A padded batch: every tensor is (B, L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "LayoutBatch":
+        return LayoutBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.image_mask)))
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS (what MiniGPT-4 sets)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first")
+    return pad
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def layout_sample(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    num_image_tokens: int,
+    target: str | None = None,
+    end_sym: str = "",
+    max_target_len: int | None = None,
+    add_bos: bool = True,
+) -> LaidOut:
+    """Lay out one sample.
+
+    Args:
+        prompt: text with one `<ImageHere>` per image ("<ImageHere>" alone for stage 1).
+        num_image_tokens: positions each image takes (the Q-Former's query count).
+        target: the text to learn (caption or answer); None for generation.
+        end_sym: appended to the target ("\\n" in stage 1, "###" in stage 2).
+        max_target_len: truncation of target + end_sym in tokens (so end_sym can be cut, as in the original).
+        add_bos: prepend the tokenizer's BOS token when it has one.
+    """
+    pad = pad_token_id(tokenizer)
+    input_ids: list[int] = []
+    image_mask: list[bool] = []
+    if add_bos and tokenizer.bos_token_id is not None:
+        input_ids.append(tokenizer.bos_token_id)
+        image_mask.append(False)
+    segments = prompt.split(IMAGE_PLACEHOLDER)
+    for index, segment in enumerate(segments):
+        ids = _encode(tokenizer, segment)
+        input_ids += ids
+        image_mask += [False] * len(ids)
+        if index < len(segments) - 1:
+            input_ids += [pad] * num_image_tokens  # placeholders; the model overwrites these embeddings
+            image_mask += [True] * num_image_tokens
+    labels = [IGNORE_INDEX] * len(input_ids)
+    if target is not None:
+        target_ids = _encode(tokenizer, target + end_sym)
+        if max_target_len is not None:
+            target_ids = target_ids[:max_target_len]
+        input_ids += target_ids
+        image_mask += [False] * len(target_ids)
+        # pad == eos in the original, so a genuine eos in the target is never learned either.
+        labels += [IGNORE_INDEX if t == pad else t for t in target_ids]
+    return LaidOut(input_ids, labels, image_mask)
+
+
+def collate_layouts(
+    samples: Sequence[LaidOut], pad_id: int, padding_side: str = "right"
+) -> LayoutBatch:
+    """Pad samples to the longest: right padding for training, left for batched generation."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(s.input_ids) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    image_mask = torch.zeros((batch, length), dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span] = torch.tensor(sample.input_ids, dtype=torch.long)
+        attention_mask[row, span] = 1
+        labels[row, span] = torch.tensor(sample.labels, dtype=torch.long)
+        image_mask[row, span] = torch.tensor(sample.image_mask, dtype=torch.bool)
+    return LayoutBatch(input_ids, attention_mask, labels, image_mask)
+
+
+def layout_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    num_image_tokens: int,
+    prompt: str | None = None,
+    end_sym: str = "\n",
+    max_txt_len: int = 32,
+) -> LayoutBatch:
+    """A training batch: one image per sample, the same prompt for the whole batch (as the original).
+
+    `prompt` is the full prompt with `<ImageHere>` (already formatted with the template); None
+    means stage 1, where the image comes right after BOS.
+    """
+    prompt = IMAGE_PLACEHOLDER if prompt is None else prompt
+    if prompt.count(IMAGE_PLACEHOLDER) != 1:
+        raise ValueError(f"a training prompt needs exactly one {IMAGE_PLACEHOLDER}, got {prompt!r}")
+    samples = [
+        layout_sample(tokenizer, prompt, num_image_tokens, target=t, end_sym=end_sym, max_target_len=max_txt_len)
+        for t in texts
+    ]
+    return collate_layouts(samples, pad_token_id(tokenizer), padding_side="right")

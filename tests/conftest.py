@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built offline, real photos from scikit-image."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Small GEMMs run faster on one thread on this 2-core machine, and results stay deterministic.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A random 2-layer LLaMA with a real SentencePiece tokenizer (vocab 400)."""
+    from minigpt4.testing import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"))
+
+
+@pytest.fixture
+def tiny_config(tiny_llm_dir):
+    """The `tiny` model preset pointed at the tiny LLM."""
+    from minigpt4.config import model_preset
+
+    cfg = model_preset("tiny")
+    cfg.llm.path = str(tiny_llm_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from minigpt4.model.build import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A real photo (Chelsea the cat, CC0) as a PIL image."""
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
