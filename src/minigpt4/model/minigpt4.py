@@ -110,23 +110,26 @@ class MiniGPT4(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, num_query_tokens, H_llm) projected image embeddings."""
-        return self.project(self.image_features(pixel_values))
+        return self.project(self.frozen_features(pixel_values))
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen part of image encoding: (B, 3, H, W) -> (B, N_img, C) normalised tower tokens.
+    def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Everything frozen before the first trainable module, computed without gradients.
 
-        Its output depends only on the frozen weights, so it can be cached per image.
+        With the released layout (frozen Q-Former) this is the Q-Former output (B, Q, 768); when the
+        config trains the Q-Former it is the normalised tower output (B, N_img, C). It depends only
+        on frozen weights, so it can be cached per image.
         """
-        tower_dtype = self.ln_vision.weight.dtype
         with torch.no_grad():
-            return self.ln_vision(self.vision(pixel_values.to(self.device, tower_dtype)))
+            features = self.ln_vision(self.vision(pixel_values.to(self.device, self.ln_vision.weight.dtype)))
+            if not self.config.qformer.trainable:
+                features = self.qformer(features)  # (B, Q, C_qformer)
+        return features
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, N_img, C) tower tokens -> Q-Former -> projection -> (B, Q, H_llm)."""
-        qformer_dtype = self.qformer.query_tokens.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.qformer.trainable):
-            queries = self.qformer(features.to(qformer_dtype))  # (B, Q, C_qformer)
-        return self.proj(queries.to(self.proj.weight.dtype))
+        """`frozen_features` output -> (B, Q, H_llm): the trainable part of image encoding."""
+        if self.config.qformer.trainable:
+            features = self.qformer(features.to(self.qformer.query_tokens.dtype))
+        return self.proj(features.to(self.proj.weight.dtype))
 
     def embed(self, batch: LayoutBatch, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings of `batch` with the image embeddings written at its image positions.
