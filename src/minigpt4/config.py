@@ -235,7 +235,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def model_preset(name: str) -> ModelConfig:
-    """Named model configurations: the two released MiniGPT-4 models and a tiny one for tests.
+    """Named model configurations: the two released MiniGPT-4 models, a tiny one for tests and the
+    embedded CPU default (`minigpt4.embedded.prepare_smollm2` creates its LLM folder).
 
     The 7B and 13B presets differ only in the LLM they point at; the projection's output width is
     read from the loaded LLM, so it is not restated here.
@@ -249,7 +250,26 @@ def model_preset(name: str) -> ModelConfig:
                 num_query_tokens=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
             ),
         )
-    raise ConfigError(f"unknown model preset {name!r}; choose one of minigpt4-13b, minigpt4-7b, tiny")
+    if name == "embedded":
+        # A real but tiny stand-in that trains on a CPU in minutes: frozen EfficientNet-Lite0
+        # (ImageNet) + a small trainable Q-Former + the projection + frozen SmolLM2-135M-Instruct.
+        from minigpt4.embedded import default_smollm2_dir
+
+        return ModelConfig(
+            vision=VisionConfig(arch="efficientnet_lite0", image_size=224),
+            qformer=QFormerConfig(
+                num_query_tokens=8,
+                hidden_size=256,
+                num_layers=2,
+                num_heads=4,
+                intermediate_size=1024,
+                cross_attention_freq=1,
+                dropout=0.0,
+                trainable=True,
+            ),
+            llm=LLMConfig(path=str(default_smollm2_dir())),
+        )
+    raise ConfigError(f"unknown model preset {name!r}; choose one of minigpt4-13b, minigpt4-7b, tiny, embedded")
 
 
 def model_config(preset: str = "minigpt4-13b", path: str | Path | None = None, overrides: list[str] | None = None) -> ModelConfig:
