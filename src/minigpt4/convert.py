@@ -104,7 +104,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain containers; refusing to unpickle it ({err})"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
@@ -123,14 +123,20 @@ def _names(keys: Iterable[str], limit: int = 12) -> str:
 
 
 def assign_strict(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, expected: Iterable[str] | None = None
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    expected: Iterable[str] | None = None,
+    file_keys: dict[str, str] | None = None,
 ) -> None:
     """Load `state` into the submodules of `model` that its keys name, strictly.
 
     Every tensor of each named top-level submodule must be in `state`, with the right shape, and
     `state` may hold nothing else; `expected` additionally lists keys that must all be present.
+    `file_keys` maps our key names back to the file's, so errors name what the file calls them.
     The tensors are assigned (not copied), so a model built on the meta device loads in place.
     """
+    file_keys = file_keys or {}
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in state.items():
         head, _, rest = key.partition(".")
@@ -139,7 +145,7 @@ def assign_strict(
     required = set(expected or [])
     unknown = [k for k in state if k.partition(".")[0] not in dict(model.named_children())]
     if unknown:
-        problems.append(f"unexpected keys: {_names(unknown)}")
+        problems.append(f"unexpected keys: {_names(file_keys.get(k, k) for k in unknown)}")
     for head, sub in groups.items():
         target = dict(model.named_children()).get(head)
         if target is None:
@@ -148,9 +154,9 @@ def assign_strict(
         required |= {f"{head}.{k}" for k in own}
         extra = set(sub) - set(own)
         if extra:
-            problems.append(f"unexpected keys: {_names(head + '.' + k for k in extra)}")
+            problems.append(f"unexpected keys: {_names(file_keys.get(f'{head}.{k}', f'{head}.{k}') for k in extra)}")
         wrong = [
-            f"{head}.{k} (file {tuple(sub[k].shape)}, model {tuple(own[k].shape)})"
+            f"{file_keys.get(f'{head}.{k}', f'{head}.{k}')} (file {tuple(sub[k].shape)}, model {tuple(own[k].shape)})"
             for k in sub.keys() & own.keys()
             if sub[k].shape != own[k].shape
         ]
@@ -227,28 +233,19 @@ def load_eva_vit(model: nn.Module, path: str | Path) -> None:
     assign_strict(model, mapped, source=str(path), expected=vision_keys)
 
 
-def blip2_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Map BLIP-2 keys to ours: ln_vision.*, qformer.*, and vision.* when the file carries the ViT."""
-    out = {}
-    for key, tensor in _split_ignored(state, BLIP2_IGNORED, source).items():
-        if key == "query_tokens":
-            out["qformer.query_tokens"] = tensor
-        elif key.startswith("ln_vision."):
-            out[key] = tensor
-        elif key.startswith("visual_encoder."):
-            out["vision." + key.removeprefix("visual_encoder.")] = tensor
-        elif key.startswith("Qformer.bert."):
-            rest = key.removeprefix("Qformer.bert.")
-            for pattern, replacement in _QFORMER_RENAMES:
-                renamed, hits = re.subn(pattern, replacement, rest)
-                if hits:
-                    out["qformer." + renamed] = tensor
-                    break
-            else:
-                out[key] = tensor  # left unmapped, so assign_strict reports it as unexpected
-        else:
-            out[key] = tensor
-    return out
+def blip2_key(key: str) -> str:
+    """Our name for a BLIP-2 file key (unknown keys come back unchanged, to be reported)."""
+    if key == "query_tokens":
+        return "qformer.query_tokens"
+    if key.startswith("visual_encoder."):
+        return "vision." + key.removeprefix("visual_encoder.")
+    if key.startswith("Qformer.bert."):
+        rest = key.removeprefix("Qformer.bert.")
+        for pattern, replacement in _QFORMER_RENAMES:
+            renamed, hits = re.subn(pattern, replacement, rest)
+            if hits:
+                return "qformer." + renamed
+    return key  # ln_vision.* keeps its name
 
 
 def load_blip2(model: nn.Module, path: str | Path) -> None:
@@ -260,7 +257,9 @@ def load_blip2(model: nn.Module, path: str | Path) -> None:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' entry: not a LAVIS BLIP-2 checkpoint")
-    mapped = blip2_state_dict(ckpt["model"], str(path))
+    kept = _split_ignored(ckpt["model"], BLIP2_IGNORED, str(path))
+    mapped = {blip2_key(k): v for k, v in kept.items()}
+    file_keys = {blip2_key(k): k for k in kept}
     vision = {k: v for k, v in mapped.items() if k.startswith("vision.")}
     if vision:
         log.info("%s carries visual_encoder.* (%d tensors): they replace the ViT weights", path, len(vision))
@@ -273,7 +272,7 @@ def load_blip2(model: nn.Module, path: str | Path) -> None:
     required = {f"ln_vision.{k}" for k in model.ln_vision.state_dict()} | {
         f"qformer.{k}" for k in model.qformer.state_dict()
     }
-    assign_strict(model, mapped, source=str(path), expected=required)
+    assign_strict(model, mapped, source=str(path), expected=required, file_keys=file_keys)
 
 
 def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
