@@ -1,0 +1,290 @@
+"""Stage 1: image-caption pairs from webdataset tar shards, as img2dataset writes them.
+
+A shard `00042.tar` holds, per sample, `KEY.jpg` (or .jpeg/.png/.webp) with `KEY.json` ({"caption": ...})
+and/or `KEY.txt`. Several datasets are mixed by ratio, one dataset per batch, as the original does
+(LAION : CC+SBU = 115 : 14).
+
+Why plain `tarfile` and not a `webdataset.DataPipeline`: the original's pipeline resamples shards and
+shuffles with RNGs seeded from time and pid, and its error handlers only warn. Exact resume (`start_batch`)
+needs every random choice to be a function of the seed, and the training loop needs each bad sample as data
+(shard, key, reason), also from worker processes. Reading a tar member by member is a few lines, so we do
+that and keep `webdataset` for what it is good at here: expanding shard specs (`{00000..00099}`, `::`).
+A truncated tar is detected by checking for the end-of-archive block, which `tarfile` silently accepts as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tarfile
+from itertools import count
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from webdataset.shardlists import expand_urls
+
+from minigpt4.data import SkippedSample
+from minigpt4.data.pipeline import (
+    Candidate,
+    ImageTransform,
+    SlotBatches,
+    StreamItem,
+    check_layout,
+    rank_batches,
+    stable_seed,
+)
+from minigpt4.processing.text import process_caption
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A slot that finds nothing usable in this many passes in a row stops with an error instead of spinning forever.
+MAX_EMPTY_PASSES = 3
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a spec: brace patterns joined by `::`, or a folder (all its *.tar, sorted)."""
+    paths: list[str] = []
+    for part in expand_urls(spec):
+        if Path(part).is_dir():
+            paths.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+        else:
+            paths.append(part)
+    return paths
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/000123.jpg` -> ("dir/000123", "jpg"): the webdataset convention (key = up to the first dot)."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | SkippedSample]:
+    """Yield (key, {extension: bytes}) for each sample of a shard, or a SkippedSample where the tar is broken.
+
+    Members of one sample are consecutive (webdataset convention). After a read error the rest of the shard
+    is unreliable, so reading stops there with one SkippedSample naming the last key.
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        archive = tarfile.open(path, "r:")
+    except FileNotFoundError:
+        yield SkippedSample(path, "", "missing shard: file not found")
+        return
+    except (tarfile.TarError, OSError) as err:
+        yield SkippedSample(path, "", f"unreadable tar: {err}")
+        return
+    with archive:
+        try:
+            for info in archive:
+                if not info.isfile():
+                    continue
+                member_key, ext = split_member_name(info.name)
+                if member_key != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = member_key, {}
+                handle = archive.extractfile(info)
+                members[ext] = handle.read() if handle is not None else b""
+            end_block = _read_block(path, archive.offset)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            yield SkippedSample(path, key or "", f"truncated tar: {err} (rest of the shard skipped)")
+            return
+    if end_block is None:
+        # tarfile stops quietly at a cut-off or garbled header; a sound tar ends with a zero block there.
+        yield SkippedSample(path, key or "", f"truncated tar: no end-of-archive block after byte {archive.offset} "
+                                            "(the last sample and the rest of the shard are skipped)")
+        return
+    if key is not None:
+        yield key, members
+
+
+def _read_block(path: str, offset: int) -> bytes | None:
+    """The 512-byte block at `offset` if it is an end-of-archive (all-zero) block, else None."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        block = handle.read(tarfile.BLOCKSIZE)
+    return block if len(block) == tarfile.BLOCKSIZE and not any(block) else None
+
+
+def sample_caption(members: dict[str, bytes]) -> str | None | SkippedSample:
+    """The caption: `.json`'s "caption" (what the original reads), else the `.txt`. None when neither exists."""
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            return SkippedSample("", "", f"bad json: {err}")
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            return meta["caption"]
+    if "txt" in members:
+        try:
+            return members["txt"].decode("utf-8")
+        except UnicodeDecodeError as err:
+            return SkippedSample("", "", f"bad txt: {err}")
+    return None
+
+
+class ShardSource:
+    """One stage-1 dataset: its shards, split over slots, reshuffled each pass, through a shuffle buffer.
+
+    Split: with at least as many shards as slots, each slot reads whole shards (shards[slot::num_slots] of
+    the pass's shard order); with fewer, every slot reads every shard and keeps every num_slots-th sample.
+    Either way no sample goes to two slots in one pass. The shuffle buffer is emptied at the end of each
+    pass, so each pass of a slot is a permutation of its share.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        index: int,
+        *,
+        seed: int,
+        shuffle_buffer: int,
+        caption_processor: Callable[[str], str] | None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec
+        self.index = index
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.caption_processor = caption_processor
+        self.shards = expand_shards(spec)
+        if not self.shards:
+            raise FileNotFoundError(f"data source {spec!r} names no shard; give a brace pattern, a folder or paths")
+        present = [path for path in self.shards if Path(path).is_file()]
+        if not present:
+            raise FileNotFoundError(
+                f"none of the {len(self.shards)} shards of {spec!r} exists (first: {self.shards[0]}); check the path"
+            )
+        if len(present) < len(self.shards):
+            logger.warning("%d of %d shards of %s are missing; they are skipped", len(self.shards) - len(present),
+                           len(self.shards), spec)
+
+    def items(self, slot: int, num_slots: int) -> Iterator[StreamItem]:
+        buffer_rng = random.Random(stable_seed("buffer", self.seed, self.index, slot))
+        empty_passes = 0
+        for epoch in count():
+            order = list(self.shards)
+            random.Random(stable_seed("shards", self.seed, self.index, epoch)).shuffle(order)
+            by_shard = len(order) >= num_slots
+            mine = order[slot::num_slots] if by_shard else order
+            buffer: list[Candidate] = []
+            found = 0
+            ordinal = 0  # sample counter over the pass, for the per-sample split
+            for shard in mine:
+                for entry in read_tar_groups(shard):
+                    if isinstance(entry, SkippedSample):
+                        # Every slot reads every shard in per-sample mode: let one slot report shard problems.
+                        if by_shard or slot == order.index(shard) % num_slots:
+                            yield entry
+                        continue
+                    ordinal += 1
+                    if not by_shard and (ordinal - 1) % num_slots != slot:
+                        continue
+                    item = self._candidate(shard, entry[0], entry[1], epoch)
+                    if isinstance(item, SkippedSample):
+                        yield item
+                        continue
+                    found += 1
+                    if self.shuffle_buffer <= 1:
+                        yield item
+                        continue
+                    buffer.append(item)
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield buffer.pop(buffer_rng.randrange(len(buffer)))
+            buffer_rng.shuffle(buffer)
+            yield from buffer
+            empty_passes = 0 if found else empty_passes + 1
+            if empty_passes >= MAX_EMPTY_PASSES:
+                raise RuntimeError(
+                    f"no usable sample in {MAX_EMPTY_PASSES} passes over this reader's share of {self.spec!r} "
+                    f"(slot {slot} of {num_slots}); run `minigpt4 data check` on it, or use fewer workers/ranks"
+                )
+
+    def _candidate(self, shard: str, key: str, members: dict[str, bytes], epoch: int) -> Candidate | SkippedSample:
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+        if image_ext is None:
+            return SkippedSample(shard, key, f"no image: no member .{'/.'.join(IMAGE_EXTENSIONS)}")
+        caption = sample_caption(members)
+        if isinstance(caption, SkippedSample):
+            return SkippedSample(shard, key, caption.reason)
+        if caption is None:
+            return SkippedSample(shard, key, "no caption: neither .json 'caption' nor .txt")
+        text = self.caption_processor(caption) if self.caption_processor else caption.strip()
+        if not text.strip():
+            return SkippedSample(shard, key, "empty caption")
+        seed = stable_seed("sample", self.seed, self.index, epoch, shard, key)
+        return Candidate(source=shard, key=key, image=members[image_ext], text=text, seed=seed)
+
+
+def stage1_batches(
+    sources: Sequence[tuple[str, float]],
+    transform: ImageTransform,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    process_captions: bool = True,
+    start_batch: int = 0,
+) -> Iterator[dict]:
+    """An endless stream of stage-1 batches, each drawn whole from one dataset picked by ratio.
+
+    Args:
+        sources: (shard spec, mixing ratio) per dataset, e.g. [("/d/laion/{00000..10488}.tar", 115.0)].
+        transform: PIL image -> (3, H, W) tensor (its randomness is seeded per sample).
+        batch_size: samples per batch (per rank).
+        seed: everything random (shard order, shuffle buffer, dataset picks, augmentations) derives from it.
+        rank, world_size: this process's share; ranks never read the same sample in a pass.
+        num_workers: DataLoader worker processes per dataset (0 = read in this process).
+        shuffle_buffer: samples held for shuffling (<= 1: no shuffling beyond the shard order).
+        process_captions: apply `blip_caption` (lower-case, strip punctuation, 50 words) as the original.
+        start_batch: skip the first batches, yielding exactly what the run from 0 would have yielded from here.
+    """
+    check_layout(batch_size, rank, world_size, num_workers, start_batch)
+    if not sources:
+        raise ValueError("sources is empty; give at least one (shard spec, ratio) pair")
+    for spec, ratio in sources:
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"the mixing ratio of {spec!r} must be a positive number, got {ratio!r}")
+    processor = process_caption if process_captions else None
+    datasets = [
+        ShardSource(spec, index, seed=seed, shuffle_buffer=shuffle_buffer, caption_processor=processor)
+        for index, (spec, _) in enumerate(sources)
+    ]
+    return _mixed(datasets, [float(r) for _, r in sources], transform, batch_size, seed=seed, rank=rank,
+                  world_size=world_size, num_workers=num_workers, start_batch=start_batch)
+
+
+def _mixed(
+    datasets: list[ShardSource],
+    ratios: list[float],
+    transform: ImageTransform,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    start_batch: int,
+) -> Iterator[dict]:
+    # The original picks the dataset of each batch with random.choices on a generator seeded by seed + rank.
+    picker = random.Random(stable_seed("mix", seed, rank))
+    choices = range(len(datasets))
+    consumed = [0] * len(datasets)
+    for _ in range(start_batch):
+        consumed[picker.choices(choices, weights=ratios)[0]] += 1
+    streams = [
+        rank_batches(SlotBatches(dataset, transform, batch_size, rank=rank, world_size=world_size,
+                                 num_workers=num_workers, start_batch=consumed[i]))
+        for i, dataset in enumerate(datasets)
+    ]
+    while True:
+        yield next(streams[picker.choices(choices, weights=ratios)[0]])
