@@ -155,6 +155,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any spelling float() understands.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -278,3 +284,100 @@ def model_config(preset: str = "minigpt4-13b", path: str | Path | None = None, o
     if path is not None:
         data = merge(data, read_yaml(path))
     return from_dict(ModelConfig, merge(data, parse_overrides(overrides or [])))
+
+
+# --------------------------------------------------------------------------------------------
+# Training job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetSource:
+    """One training dataset."""
+
+    kind: Literal["webdataset", "aligned"] = "webdataset"
+    # webdataset: a brace-expanded shard pattern, e.g. /data/laion/{00000..10488}.tar;
+    # aligned: a cc_sbu_align folder (filter_cap.json + image/{id}.jpg).
+    path: str = ""
+    ratio: float = 1.0  # mixing weight among webdataset sources (the original mixes LAION:CC/SBU 115:14)
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from and how a sample is laid out. Defaults: the original stage 1."""
+
+    datasets: list[DatasetSource] = field(default_factory=list)
+    batch_size: int = 64  # per process (the original: 64 x 4 GPUs in stage 1, 12 x 1 GPU in stage 2)
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    # "" = no instruction prompt (stage 1: [BOS][image][caption]); "default" = the package's own
+    # stage-2 prompts; anything else is a prompt file, one prompt per line, each with <ImageHere>.
+    prompts: str = ""
+    prompt_template: str = "{}"  # applied to every prompt line; stage 2: "###Human: {} ###Assistant: "
+    end_sym: str = "\n"  # appended to every target ("###" in stage 2)
+    max_txt_len: int = 32  # target + end_sym, in tokens (160 in stage 2)
+    process_captions: bool = True  # blip_caption on webdataset captions (the aligned set uses raw captions)
+    augment: bool = True  # RandomResizedCrop(scale 0.5-1) as the original; false = plain resize
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging, checkpoints. Defaults: the original stage 1 run."""
+
+    lr: float = 1e-4  # peak lr ("init_lr")
+    min_lr: float = 8e-5  # end of the cosine
+    warmup_lr: float = 1e-6  # start of the linear warmup
+    warmup_steps: int = 5000
+    # "legacy": the original's formula, including its lr step at the end of warmup (the default, so the
+    # released recipes are reproduced); "continuous": warmup to lr, then cosine over the remaining steps.
+    schedule: Literal["legacy", "continuous"] = "legacy"
+    epochs: int = 4
+    iters_per_epoch: int = 5000  # optimizer steps per "epoch" (the loaders are infinite)
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float = 0.0  # 0 = no clipping (the original has none)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp16"  # autocast dtype; fp16 (CUDA only) adds a GradScaler
+    seed: int = 42
+    log_every: int = 50  # steps
+    save_every: int = 0  # steps; 0 = at the end of every epoch (the original's cadence)
+    keep_last: int = 3  # checkpoints kept in output_dir
+    output_dir: str = "output/run"
+    resume: str = ""  # "" = fresh start, a checkpoint path, or "auto" = the newest checkpoint in output_dir
+    # torch.distributed backend under torchrun: "auto" = nccl on CUDA, gloo otherwise.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # ddp: every process holds the whole model (frozen parts unsynchronised). fsdp: the frozen LLM's
+    # layers are sharded across processes (FSDP2), for LLMs that do not fit one GPU.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainJobConfig:
+    """A training run: the model, its data and the optimisation.
+
+    `preset` names the model preset (see `model_preset`) that the `model` section refines.
+    """
+
+    preset: str = "minigpt4-13b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainJobConfig:
+    """A training job from a YAML file and `section.key=value` overrides.
+
+    The `model` section is applied on top of the preset named by `preset` (YAML or override).
+    """
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    preset = data.get("preset", TrainJobConfig.preset)
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    model = data.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
+    data["model"] = merge(to_dict(model_preset(preset)), model)
+    return from_dict(TrainJobConfig, data)

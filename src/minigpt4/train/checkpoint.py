@@ -1,0 +1,161 @@
+"""Training checkpoints that never lose work: atomic writes, the newest K kept, exact resume.
+
+A checkpoint is one `torch.save` dict:
+
+    model      trainable weights; the projection as `llama_proj.weight/bias` (the original's names, so
+               `minigpt4.convert.load_projection` and the original code read it), plus `qformer.*`
+               when the Q-Former is trained
+    optimizer  AdamW state;  scaler  GradScaler state or None
+    step       optimizer steps done;  epoch  step // iters_per_epoch
+    data       {"batches": micro-batches each process has consumed} (loaders restart there)
+    rng        one entry per rank: python, numpy and torch (CPU and accelerator) generator states
+    skipped    bad samples skipped so far;  config  the job config as a dict
+
+Only tensors and plain containers are stored, so loading works with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt4.convert import CheckpointError, read_checkpoint
+from minigpt4.model.minigpt4 import MiniGPT4
+
+log = logging.getLogger(__name__)
+
+FORMAT = "minigpt4-train-1"
+_NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint_{step:08d}.pth"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints in `output_dir`, oldest step first (temporary files are ignored)."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` through a temporary file and a rename.
+
+    A crash mid-write leaves at most a `*.tmp` file; `path` is either the old complete file or the
+    new complete file, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints; returns what was deleted."""
+    found = list_checkpoints(output_dir)
+    doomed = found[: max(len(found) - keep_last, 0)] if keep_last > 0 else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a training checkpoint written by `save_atomic` (tensors and plain containers only)."""
+    state = read_checkpoint(path)
+    if state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a minigpt4 training checkpoint (format {state.get('format')!r}, expected {FORMAT!r}). "
+            "To start from released weights instead, set model.weights.projection to it."
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Trainable weights
+# --------------------------------------------------------------------------------------------
+
+
+def trainable_state_dict(model: MiniGPT4) -> dict[str, torch.Tensor]:
+    """The weights training changes, under the original's projection names."""
+    state = {f"llama_proj.{k}": v.detach().cpu().clone() for k, v in model.proj.state_dict().items()}
+    if model.config.qformer.trainable:
+        state.update({f"qformer.{k}": v.detach().cpu().clone() for k, v in model.qformer.state_dict().items()})
+    return state
+
+
+def load_trainable_state_dict(model: MiniGPT4, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `trainable_state_dict` output back into `model`, strictly, keeping parameter identity."""
+    proj = {k.removeprefix("llama_proj."): v for k, v in state.items() if k.startswith("llama_proj.")}
+    qformer = {k.removeprefix("qformer."): v for k, v in state.items() if k.startswith("qformer.")}
+    unknown = [k for k in state if not k.startswith(("llama_proj.", "qformer."))]
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected trainable weights {unknown[:8]}")
+    if model.config.qformer.trainable != bool(qformer):
+        raise CheckpointError(
+            f"{source} {'holds' if qformer else 'lacks'} Q-Former weights but model.qformer.trainable is "
+            f"{model.config.qformer.trainable}: resume with the model config the checkpoint was trained with"
+        )
+    try:
+        model.proj.load_state_dict(proj, strict=True)
+        if qformer:
+            model.qformer.load_state_dict(qformer, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit the model: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Random generators
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generator states, as tensors and plain values (safe for weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type != "cpu":
+        module = getattr(torch, device.type)
+        state["device"] = module.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type != "cpu" and "device" in state:
+        getattr(torch, device.type).set_rng_state(state["device"], device)

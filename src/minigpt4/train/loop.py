@@ -1,0 +1,372 @@
+"""`train(cfg)`: the MiniGPT-4 training loop, one function to read top to bottom.
+
+One optimizer step = `grad_accum` micro-batches on every process. Its loss is the mean over every
+target token of the whole global batch, exactly what one process computing the same samples as one
+big batch would get: each micro-batch contributes its summed token loss divided by the global
+target-token count. So the loss trajectory does not depend on how a batch is split over processes
+and micro-batches (the original averaged per-process means and did not divide by `accum_grad_iters`;
+with its configs, one process and accumulation 1, the two agree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from minigpt4.config import ConfigError, TrainJobConfig, from_dict, to_dict
+from minigpt4.model.build import build_model
+from minigpt4.model.minigpt4 import MiniGPT4
+from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
+from minigpt4.train import checkpoint as ckpt
+from minigpt4.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown,
+    wrap_ddp,
+)
+from minigpt4.train.optim import build_optimizer
+from minigpt4.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOG_NAME = "train_log.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; a checkpoint of the last good state was written."""
+
+
+@dataclass
+class TrainResult:
+    final_loss: float  # the loss of the last step (mean over the global batch's target tokens)
+    steps: int  # optimizer steps done in total (including those before a resume)
+    tokens_per_second: float  # all processes together; see `train`
+    samples_per_second: float
+    checkpoint: Path | None  # the last checkpoint written
+    log_dir: Path  # holds train_log.jsonl and tensorboard/
+    skipped: int  # bad samples skipped over the whole run
+    losses: list[float]  # the loss of every step this call ran
+
+
+class CaptionLoss(nn.Module):
+    """Images (or cached frozen features) + laid-out texts -> the SUM of target-token losses.
+
+    This is the module DDP wraps, so that the forward runs through DDP and the trainable parameters'
+    gradients are all-reduced on backward.
+    """
+
+    def __init__(self, model: MiniGPT4):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, are_features: bool, batch: LayoutBatch) -> torch.Tensor:
+        if are_features:
+            image_embeds = self.model.project(inputs)  # (B, Q, H_llm)
+        else:
+            image_embeds = self.model.encode_images(inputs)  # (B, Q, H_llm)
+        # The same three steps as MiniGPT4.loss_from_image_embeds, with the layout made by the
+        # caller, which needs its token counts for the global-batch mean and for tokens/s.
+        mean = self.model.lm_loss(self.model.embed(batch, image_embeds), batch.attention_mask, batch.labels)
+        return mean * target_count(batch)
+
+
+def target_count(batch: LayoutBatch) -> torch.Tensor:
+    """Tokens the loss is taken over (labels shifted by one, as the causal loss uses them)."""
+    return (batch.labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int) -> Iterator[dict]:
+    """The infinite batch stream of this process, starting at its `start_batch`-th batch."""
+    from minigpt4.processing.image import eval_transform, train_transform
+
+    datasets = cfg.data.datasets
+    size = cfg.model.vision.image_size
+    transform = train_transform(size) if cfg.data.augment else eval_transform(size)
+    common = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
+                  num_workers=cfg.data.num_workers, start_batch=start_batch)
+    kinds = {d.kind for d in datasets}
+    if kinds == {"webdataset"}:
+        from minigpt4.data.webdataset import stage1_batches
+
+        return stage1_batches([(d.path, d.ratio) for d in datasets], transform, cfg.data.batch_size,
+                              shuffle_buffer=cfg.data.shuffle_buffer,
+                              process_captions=cfg.data.process_captions, **common)
+    if kinds == {"aligned"} and len(datasets) == 1:
+        from minigpt4.data.aligned import stage2_batches
+
+        return stage2_batches(datasets[0].path, transform, cfg.data.batch_size, **common)
+    raise ConfigError(
+        "data.datasets must be one or more kind=webdataset sources (stage 1) or exactly one kind=aligned "
+        f"folder (stage 2); got {[(d.kind, d.path) for d in datasets]}"
+    )
+
+
+def load_prompts_for(cfg: TrainJobConfig) -> list[str | None]:
+    """The instruction prompts to draw from; [None] means no prompt (stage 1)."""
+    if not cfg.data.prompts:
+        return [None]
+    from minigpt4.data.prompts import load_prompts
+
+    prompts = load_prompts(None if cfg.data.prompts == "default" else cfg.data.prompts, cfg.data.prompt_template)
+    if not prompts:
+        raise ConfigError(f"data.prompts={cfg.data.prompts!r} holds no line with <ImageHere>")
+    return prompts
+
+
+def check_config(cfg: TrainJobConfig) -> None:
+    """Fail before building anything on settings that cannot work."""
+    t = cfg.train
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: list at least one dataset (kind, path)")
+    for name in ("epochs", "iters_per_epoch", "grad_accum", "log_every", "keep_last"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
+    if t.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); on CPU use train.precision=bf16 or fp32")
+    if t.strategy != "ddp":
+        raise ConfigError(f"train.strategy={t.strategy!r} is not supported by this loop; use train.strategy=ddp")
+
+
+def resolve_resume(cfg: TrainJobConfig) -> Path | None:
+    if cfg.train.resume == "auto":
+        found = ckpt.latest_checkpoint(cfg.train.output_dir)
+        if found is None:
+            log.info("train.resume=auto: no checkpoint in %s yet, starting fresh", cfg.train.output_dir)
+        return found
+    return Path(cfg.train.resume) if cfg.train.resume else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainJobConfig) -> TrainResult:
+    """Train the trainable parts of MiniGPT-4 as `cfg` says; returns the final numbers.
+
+    tokens/s counts LLM input positions (BOS + prompt + image positions + target tokens, padding
+    excluded) of every process, per second of wall time, over all steps after the first.
+    Raises TrainingDiverged (after writing a checkpoint) when the loss stops being finite.
+    """
+    check_config(cfg)
+    ctx = init_distributed(cfg.train.backend, cfg.model.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
+    t = cfg.train
+    out = Path(t.output_dir)
+    total_steps = t.epochs * t.iters_per_epoch
+    save_every = t.save_every or t.iters_per_epoch
+
+    # ---- model: every process builds identical frozen towers (same files, or same seed when random)
+    model_cfg = from_dict(type(cfg.model), to_dict(cfg.model))
+    model_cfg.device = str(ctx.device)
+    torch.manual_seed(t.seed)
+    model = build_model(model_cfg)
+    resume_path = resolve_resume(cfg)
+    state = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if state is not None:
+        # Before the optimizer exists, so that it holds the parameters that carry these values.
+        ckpt.load_trainable_state_dict(model, state["model"], str(resume_path))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, t)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.precision == "fp16")
+    autocast = torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(t.precision), enabled=t.precision != "fp32")
+
+    start_step, skipped_total = 0, 0
+    if state is None:
+        seed_everything(t.seed + ctx.rank)  # the original's seed + rank
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_step, skipped_total = state["step"], state["skipped"]
+        if len(state["rng"]) == ctx.world_size:
+            ckpt.set_rng_state(state["rng"][ctx.rank], ctx.device)
+        else:
+            log.warning("%s was written by %d processes, this run has %d: random streams restart from the seed",
+                        resume_path, len(state["rng"]), ctx.world_size)
+            seed_everything(t.seed + ctx.rank + start_step)
+        log.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
+
+    loss_fn = wrap_ddp(CaptionLoss(model), ctx)
+    prompts = load_prompts_for(cfg)
+    batches = open_batches(cfg, ctx, start_batch=start_step * t.grad_accum)
+
+    def save(step: int, reason: str) -> Path:
+        """Collective: every process hands in its RNG state, rank 0 writes."""
+        rngs = all_gather_objects(ckpt.rng_state(ctx.device), ctx)
+        path = ckpt.checkpoint_path(out, step)
+        if ctx.is_main:
+            ckpt.save_atomic({
+                "format": ckpt.FORMAT, "model": ckpt.trainable_state_dict(model),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "step": step, "epoch": step // t.iters_per_epoch, "data": {"batches": step * t.grad_accum},
+                "rng": rngs, "skipped": skipped_total, "config": to_dict(cfg),
+            }, path)
+            for old in ckpt.prune_checkpoints(out, t.keep_last):
+                log.debug("removed old checkpoint %s", old)
+            log.info("saved checkpoint %s (%s)", path, reason)
+        barrier(ctx)
+        return path
+
+    # ---- rank-0 outputs
+    jsonl, board = None, None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        jsonl = (out / LOG_NAME).open("a")
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = SummaryWriter(str(out / "tensorboard"))
+        log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d micro-batches",
+                 total_steps, t.epochs, t.iters_per_epoch, cfg.data.batch_size * ctx.world_size * t.grad_accum,
+                 cfg.data.batch_size, ctx.world_size, t.grad_accum)
+
+    losses: list[float] = []
+    skip_reasons: Counter[str] = Counter()
+    window = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
+    steady = {"samples": 0, "tokens": 0, "seconds": 0.0}
+    last_checkpoint: Path | None = None
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not ctx.is_main,
+                    dynamic_ncols=True)
+    with progress, logging_redirect_tqdm(), (jsonl or contextlib.nullcontext()):
+        for step in range(start_step, total_steps):
+            step_start = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # ---- data: `grad_accum` micro-batches; bad samples the loader skipped are counted here
+            micro = [next(batches) for _ in range(t.grad_accum)]
+            for batch in micro:
+                for bad in batch["skipped"]:
+                    log.warning("skipped sample %s in %s: %s", bad.key, bad.source, bad.reason)
+                    skip_reasons[bad.reason.split(":")[0]] += 1
+            layouts = []
+            for index, batch in enumerate(micro):
+                # One prompt per micro-batch, as the original; drawn from (seed, rank, batch index)
+                # so that a resumed run draws the same ones.
+                batch_index = step * t.grad_accum + index
+                prompt = random.Random(f"{t.seed}:{ctx.rank}:{batch_index}").choice(prompts)
+                layouts.append(layout_batch(model.tokenizer, batch["text"], model.num_image_tokens, prompt,
+                                            cfg.data.end_sym, cfg.data.max_txt_len).to(ctx.device))
+            local = torch.tensor([sum(int(target_count(b)) for b in layouts),
+                                  sum(int(b.attention_mask.sum()) for b in layouts),
+                                  sum(len(b["text"]) for b in micro),
+                                  sum(len(b["skipped"]) for b in micro)], device=ctx.device)
+            targets, tokens, samples, skipped = all_reduce_sum(local, ctx).tolist()
+            skipped_total += skipped
+
+            # ---- forward/backward; gradients are all-reduced only on the last micro-batch
+            loss_sum = torch.zeros((), device=ctx.device)
+            for index, (batch, layout) in enumerate(zip(micro, layouts)):
+                last = index == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not ctx.enabled else loss_fn.no_sync()
+                are_features = "features" in batch
+                inputs = (batch["features"] if are_features else batch["image"]).to(ctx.device, non_blocking=True)
+                with sync:
+                    with autocast:
+                        part = loss_fn(inputs, are_features, layout)
+                    # DDP averages gradients over processes; * world_size turns that into a sum.
+                    scaler.scale(part.float() * ctx.world_size / targets).backward()
+                loss_sum += part.detach().float()
+            loss = float(all_reduce_sum(loss_sum, ctx)) / targets
+
+            # ---- never train on garbage: stop with the last good state saved
+            if not math.isfinite(loss):
+                path = save(step, "non-finite loss")
+                raise TrainingDiverged(
+                    f"the loss is {loss} at step {step + 1} (lr {lr:.3e}); training stopped and the state before "
+                    f"this step was saved to {path}. Lower train.lr, use train.precision=bf16 or fp32, or set "
+                    "train.clip_grad_norm, then resume with train.resume=auto."
+                )
+            if t.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, t.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- bookkeeping, logging, checkpoints
+            done = step + 1
+            losses.append(loss)
+            seconds = time.perf_counter() - step_start
+            if step > start_step:  # the first step pays for lazy initialisation; leave it out of throughput
+                steady["samples"] += samples
+                steady["tokens"] += tokens
+                steady["seconds"] += seconds
+            window["loss"] += loss
+            window["steps"] += 1
+            window["samples"] += samples
+            window["tokens"] += tokens
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if ctx.is_main and (done % t.log_every == 0 or done == total_steps):
+                elapsed = time.perf_counter() - window["start"]
+                record = {
+                    "step": done, "epoch": step // t.iters_per_epoch, "loss": loss,
+                    "loss_avg": window["loss"] / window["steps"], "lr": lr,
+                    "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
+                    "tokens_per_s_per_device": window["tokens"] / elapsed / ctx.world_size,
+                    "skipped": skipped_total, "time": time.time(),
+                }
+                log.info("step %d/%d  epoch %d  loss %.4f (avg %.4f)  lr %.3e  %.1f samples/s  %.0f tokens/s "
+                         "(%.0f per device; LLM input positions incl. image, excl. padding)",
+                         done, total_steps, record["epoch"], loss, record["loss_avg"], lr,
+                         record["samples_per_s"], record["tokens_per_s"], record["tokens_per_s_per_device"])
+                jsonl.write(json.dumps(record) + "\n")
+                jsonl.flush()
+                if board is not None:
+                    for key in ("loss", "loss_avg", "lr", "samples_per_s", "tokens_per_s"):
+                        board.add_scalar(f"train/{key}", record[key], done)
+                    board.flush()
+                window.update(loss=0.0, steps=0, samples=0, tokens=0, start=time.perf_counter())
+            if done % save_every == 0 or done == total_steps:
+                last_checkpoint = save(done, f"step {done}")
+
+    if board is not None:
+        board.close()
+    rate = steady["seconds"] or float("nan")
+    result = TrainResult(
+        final_loss=losses[-1] if losses else float("nan"),
+        steps=total_steps,
+        tokens_per_second=steady["tokens"] / rate,
+        samples_per_second=steady["samples"] / rate,
+        checkpoint=last_checkpoint or (resume_path if state is not None else None),
+        log_dir=out,
+        skipped=skipped_total,
+        losses=losses,
+    )
+    if ctx.is_main:
+        reasons = ", ".join(f"{n} {r}" for r, n in skip_reasons.most_common()) or "none in this session"
+        log.info("done: %d steps, final loss %.4f, %.0f tokens/s, %.1f samples/s; skipped %d bad samples (%s)",
+                 result.steps, result.final_loss, result.tokens_per_second, result.samples_per_second,
+                 result.skipped, reasons)
+    return result
