@@ -75,7 +75,7 @@ class AlignedSource:
             random.Random(stable_seed("aligned", self.seed, epoch)).shuffle(order)
             found = 0
             for index in order[: share * num_slots][slot::num_slots]:
-                item = self._item(index, epoch)
+                item = self.annotation_item(index, epoch)
                 found += isinstance(item, Candidate)
                 yield item
             yield PASS_END
@@ -84,7 +84,7 @@ class AlignedSource:
                 raise RuntimeError(f"no usable annotation in {self.annotation_file} for reader {slot} of {num_slots}; "
                                    "run `minigpt4 data check` on the folder")
 
-    def _item(self, index: int, epoch: int) -> Candidate | SkippedSample:
+    def annotation_item(self, index: int, epoch: int) -> Candidate | SkippedSample:
         image_id, caption = self.annotations[index]
         key = image_id or f"annotation {index}"
         if not image_id:

@@ -129,6 +129,24 @@ def sample_caption(members: dict[str, bytes]) -> str | None | SkippedSample:
     return None
 
 
+def tar_sample(
+    shard: str, key: str, members: dict[str, bytes], caption_processor: Callable[[str], str] | None, seed: int
+) -> Candidate | SkippedSample:
+    """Check one tar sample's members and caption; the image itself is decoded later, when batched."""
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image_ext is None:
+        return SkippedSample(shard, key, f"no image: no member .{'/.'.join(IMAGE_EXTENSIONS)}")
+    caption = sample_caption(members)
+    if isinstance(caption, SkippedSample):
+        return SkippedSample(shard, key, caption.reason)
+    if caption is None:
+        return SkippedSample(shard, key, "no caption: neither .json 'caption' nor .txt")
+    text = caption_processor(caption) if caption_processor else caption.strip()
+    if not text.strip():
+        return SkippedSample(shard, key, "empty caption")
+    return Candidate(source=shard, key=key, image=members[image_ext], text=text, seed=seed)
+
+
 class ShardSource:
     """One stage-1 dataset: its shards, split over slots, reshuffled each pass, through a shuffle buffer.
 
@@ -186,7 +204,8 @@ class ShardSource:
                     ordinal += 1
                     if not by_shard and (ordinal - 1) % num_slots != slot:
                         continue
-                    item = self._candidate(shard, entry[0], entry[1], epoch)
+                    item = tar_sample(shard, entry[0], entry[1], self.caption_processor,
+                                      stable_seed("sample", self.seed, self.index, epoch, shard, entry[0]))
                     if isinstance(item, SkippedSample):
                         yield item
                         continue
@@ -205,21 +224,6 @@ class ShardSource:
                     f"no usable sample in {MAX_EMPTY_PASSES} passes over this reader's share of {self.spec!r} "
                     f"(slot {slot} of {num_slots}); run `minigpt4 data check` on it, or use fewer workers/ranks"
                 )
-
-    def _candidate(self, shard: str, key: str, members: dict[str, bytes], epoch: int) -> Candidate | SkippedSample:
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
-        if image_ext is None:
-            return SkippedSample(shard, key, f"no image: no member .{'/.'.join(IMAGE_EXTENSIONS)}")
-        caption = sample_caption(members)
-        if isinstance(caption, SkippedSample):
-            return SkippedSample(shard, key, caption.reason)
-        if caption is None:
-            return SkippedSample(shard, key, "no caption: neither .json 'caption' nor .txt")
-        text = self.caption_processor(caption) if self.caption_processor else caption.strip()
-        if not text.strip():
-            return SkippedSample(shard, key, "empty caption")
-        seed = stable_seed("sample", self.seed, self.index, epoch, shard, key)
-        return Candidate(source=shard, key=key, image=members[image_ext], text=text, seed=seed)
 
 
 def stage1_batches(
