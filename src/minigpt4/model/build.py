@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from minigpt4 import convert
 from minigpt4.config import ModelConfig
 from minigpt4.model.llm import DTYPES, load_llm
 from minigpt4.model.minigpt4 import MiniGPT4
 
 log = logging.getLogger(__name__)
+
+
+def _import_device_backend(device: str) -> None:
+    """Out-of-tree torch backends register their device type on import (Ascend: torch_npu)."""
+    if torch.device(device).type == "npu":
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError(f"model.device={device!r} needs the torch_npu package (Ascend NPUs)") from err
 
 
 def build_model(cfg: ModelConfig) -> MiniGPT4:
@@ -20,6 +31,7 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     with no file stay random, which is only meant for tests and benchmarks, and is logged.
     """
     dtype = DTYPES[cfg.dtype]
+    _import_device_backend(cfg.device)
     if cfg.weights.pretrained:
         return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype)
     if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and cfg.weights.blip2:

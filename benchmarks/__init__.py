@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory, reported beside a baseline measured in the same run."""
