@@ -167,3 +167,11 @@ def test_missing_llm_folder_names_the_field(tiny_config, tmp_path):
     tiny_config.llm.path = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="model.llm.path="):
         build_model(tiny_config)
+
+
+def test_npu_device_without_torch_npu_says_what_is_missing(tiny_config):
+    from minigpt4.model.build import build_model
+
+    tiny_config.device = "npu:0"
+    with pytest.raises(RuntimeError, match="needs the torch_npu package"):
+        build_model(tiny_config)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from minigpt4 import convert
 from minigpt4.config import ModelConfig
 from minigpt4.model.llm import DTYPES, load_llm
@@ -16,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def _import_device_backend(device: str) -> None:
     """Out-of-tree torch backends register their device type on import (Ascend: torch_npu)."""
-    if torch.device(device).type == "npu":
+    if device.split(":")[0] == "npu":  # torch.device() itself rejects "npu" until torch_npu is imported
         try:
             import torch_npu  # noqa: F401
         except ImportError as err:
