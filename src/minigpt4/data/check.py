@@ -7,7 +7,7 @@ from pathlib import Path
 
 from minigpt4.data import SkippedSample
 from minigpt4.data.aligned import ANNOTATION_FILE, IMAGE_DIR, AlignedSource
-from minigpt4.data.pipeline import Candidate
+from minigpt4.data.pipeline import Candidate, image_problem
 from minigpt4.data.webdataset import expand_shards, read_tar_groups, tar_sample
 from minigpt4.processing.image import ImageError, load_image
 from minigpt4.processing.text import process_caption
@@ -30,7 +30,7 @@ def _decode(candidate: Candidate, report: CheckReport) -> None:
     except FileNotFoundError:
         report.broken.append(SkippedSample(candidate.source, candidate.key, "missing image: file not found"))
     except ImageError as err:
-        report.broken.append(SkippedSample(candidate.source, candidate.key, f"corrupt image: {err.__cause__ or err}"))
+        report.broken.append(SkippedSample(candidate.source, candidate.key, f"corrupt image: {image_problem(err)}"))
     else:
         report.ok += 1
 

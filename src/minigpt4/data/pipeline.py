@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Union
 
@@ -79,6 +80,12 @@ def seeded_transform(transform: ImageTransform, image: Image.Image, seed: int) -
             random.setstate(python_state)
 
 
+def image_problem(err: ImageError) -> str:
+    """The decoder's message for a skip reason, without the noise of an in-memory file's repr."""
+    cause = err.__cause__ or err
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image data", f"{type(cause).__name__}: {cause}")
+
+
 def _log_skip(skip: SkippedSample, replaying: bool) -> None:
     # While replaying for a resume, these were already reported by the run being resumed.
     logger.log(logging.DEBUG if replaying else logging.WARNING, "skipped %s", skip)
@@ -118,7 +125,7 @@ def assemble_batches(
             skipped.append(skip)
             continue
         except ImageError as err:
-            skip = SkippedSample(item.source, item.key, f"corrupt image: {err.__cause__ or err}")
+            skip = SkippedSample(item.source, item.key, f"corrupt image: {image_problem(err)}")
             _log_skip(skip, replaying)
             skipped.append(skip)
             continue

@@ -14,6 +14,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from minigpt4.data import SkippedSample
+from minigpt4.data.pipeline import image_problem
 from minigpt4.data.webdataset import IMAGE_EXTENSIONS, read_tar_groups, sample_caption
 from minigpt4.processing.image import ImageError, load_image
 
@@ -215,7 +216,7 @@ def write_samples(
         try:
             jpeg, width, height = as_jpeg(sample.image, name=sample.origin)
         except ImageError as err:
-            skipped.append(SkippedSample(sample.origin, sample.key, f"corrupt image: {err.__cause__ or err}"))
+            skipped.append(SkippedSample(sample.origin, sample.key, f"corrupt image: {image_problem(err)}"))
             continue
         writer.add(jpeg, caption, {**sample.meta, "width": width, "height": height})
     return skipped

@@ -1,0 +1,93 @@
+"""Stage 2: the cc_sbu_align folder (raw captions, drop_last, rank split, exact resume) and the prompts file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from minigpt4.data.aligned import stage2_batches
+from minigpt4.data.prompts import load_prompts
+from minigpt4.processing.image import train_transform
+from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE
+
+from .conftest import make_aligned, same_batches, take
+
+
+def test_batches_hold_raw_captions_and_each_pass_uses_each_pair_once(tmp_path, transform):
+    root = make_aligned(tmp_path, 11)
+    batches = take(stage2_batches(str(root), transform, 3, seed=0), 6)  # 3 batches per pass, 2 pairs dropped
+    assert all(b["image"].shape == (3, 3, 8, 8) for b in batches)
+    first_pass = [key for b in batches[:3] for key in b["key"]]
+    assert len(set(first_pass)) == 9 and set(first_pass) <= {str(i) for i in range(1, 12)}
+    assert batches[0]["text"][0] == f"The image shows Item {batches[0]['key'][0]}. It is, indeed, NICE!"  # untouched
+    second_pass = [key for b in batches[3:] for key in b["key"]]
+    assert second_pass != first_pass  # reshuffled by seed + pass
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_start_batch_yields_exactly_the_tail_of_the_full_run(tmp_path, num_workers):
+    root = make_aligned(tmp_path, 10)
+    augment = train_transform(8)
+    options = dict(seed=5, num_workers=num_workers)
+    full = take(stage2_batches(str(root), augment, 2, **options), 9)
+    again = take(stage2_batches(str(root), augment, 2, **options), 9)
+    resumed = take(stage2_batches(str(root), augment, 2, start_batch=4, **options), 5)
+    assert same_batches(full, again)
+    assert same_batches(full[4:], resumed)
+
+
+def test_two_ranks_two_workers_split_without_duplicates(tmp_path, transform):
+    root = make_aligned(tmp_path, 16)
+    keys = []
+    for rank in range(2):
+        stream = stage2_batches(str(root), transform, 2, seed=1, rank=rank, world_size=2, num_workers=2)
+        keys += [key for b in take(stream, 4) for key in b["key"]]  # 4 readers x 4 pairs = 2 batches each
+    assert sorted(keys, key=int) == [str(i) for i in range(1, 17)]
+
+
+def test_missing_corrupt_and_empty_are_skipped_and_reported(tmp_path, transform, caplog):
+    root = make_aligned(tmp_path, 6)
+    (root / "image" / "2.jpg").write_bytes(b"not a jpeg at all")
+    (root / "image" / "3.jpg").unlink()
+    data = json.loads((root / "filter_cap.json").read_text())
+    data["annotations"][3]["caption"] = "   "  # image 4
+    (root / "filter_cap.json").write_text(json.dumps(data))
+    batches = take(stage2_batches(str(root), transform, 1, seed=0), 4)  # one pass (3 good) + one more
+    assert sorted(key for b in batches[:3] for key in b["key"]) == ["1", "5", "6"]
+    skipped = {(s.key, s.reason.split(":")[0], s.source.rsplit("/", 1)[-1]) for b in batches for s in b["skipped"]}
+    assert skipped == {("2", "corrupt image", "2.jpg"), ("3", "missing image", "3.jpg"),
+                       ("4", "empty caption", "filter_cap.json")}
+    assert "2.jpg [2]: corrupt image" in caplog.text
+
+
+def test_bad_folders_fail_early_with_the_fix(tmp_path, transform):
+    with pytest.raises(FileNotFoundError, match="filter_cap.json"):
+        stage2_batches(str(tmp_path), transform, 2, seed=0)
+    root = make_aligned(tmp_path / "small", 5)
+    with pytest.raises(ValueError, match="lower batch_size or num_workers"):
+        stage2_batches(str(root), transform, 2, seed=0, num_workers=3)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "filter_cap.json").write_text('[{"image_id": 1}]')
+    with pytest.raises(ValueError, match="annotations"):
+        stage2_batches(str(tmp_path / "bad"), transform, 2, seed=0)
+
+
+def test_default_prompts_are_four_image_instructions_in_the_template():
+    prompts = load_prompts(None, VICUNA_V0_TEMPLATE)
+    assert len(prompts) == 4 and len(set(prompts)) == 4
+    for prompt in prompts:
+        assert prompt.startswith("###Human: <Img><ImageHere></Img> ") and prompt.endswith(" ###Assistant: ")
+        assert prompt.count("<ImageHere>") == 1
+
+
+def test_prompt_file_lines_without_placeholder_are_dropped(tmp_path, caplog):
+    path = tmp_path / "prompts.txt"
+    path.write_text("<Img><ImageHere></Img> Describe it.\n\nno placeholder here\n<ImageHere> What is this?\n")
+    assert load_prompts(str(path), "{}") == ["<Img><ImageHere></Img> Describe it.", "<ImageHere> What is this?"]
+    assert "no placeholder here" in caplog.text
+    path.write_text("nothing usable\n")
+    with pytest.raises(ValueError, match="no prompt containing <ImageHere>"):
+        load_prompts(str(path), "{}")
+    with pytest.raises(ValueError, match="exactly one"):
+        load_prompts(None, "no slot")

@@ -1,0 +1,144 @@
+"""Stage-1 shards: determinism, exact resume, rank/worker split, mixing, and bad data skipped with its key."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from minigpt4.data import SkippedSample, summarize_skips
+from minigpt4.data.webdataset import read_tar_groups, stage1_batches
+from minigpt4.processing.image import train_transform
+
+from .conftest import encode, good_sample, make_dataset, photo, same_batches, synthetic, take, write_shard
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    big = make_dataset(tmp_path / "laion", "laion", shards=4, per_shard=6)
+    small = make_dataset(tmp_path / "ccsbu", "ccsbu", shards=2, per_shard=5)
+    return [(big, 115.0), (small, 14.0)]
+
+
+def test_batches_hold_processed_captions_and_images(tmp_path, transform):
+    pattern = make_dataset(tmp_path, "d", shards=1, per_shard=4)
+    batch = next(stage1_batches([(pattern, 1.0)], transform, 4, seed=0))
+    assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.float32
+    assert sorted(batch["key"]) == [f"d-00-{i:03d}" for i in range(4)]
+    # blip_caption: lower-cased, ". : !" removed, as the original's stage-1 text processor.
+    assert all(text == f"picture {key} a test image" for text, key in zip(batch["text"], batch["key"]))
+    assert batch["skipped"] == [] and batch["dataset"] == pattern
+    raw = next(stage1_batches([(pattern, 1.0)], transform, 1, seed=0, process_captions=False))
+    assert raw["text"][0] == f"Picture {raw['key'][0]}: a Test Image."
+
+
+def test_same_seed_same_stream_and_other_seed_other_order(two_datasets):
+    augment = train_transform(8)
+    first = take(stage1_batches(two_datasets, augment, 3, seed=7, shuffle_buffer=8), 6)
+    again = take(stage1_batches(two_datasets, augment, 3, seed=7, shuffle_buffer=8), 6)
+    other = take(stage1_batches(two_datasets, augment, 3, seed=8, shuffle_buffer=8), 6)
+    assert same_batches(first, again)  # random crops included: they are seeded per sample
+    assert [b["key"] for b in first] != [b["key"] for b in other]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_start_batch_yields_exactly_the_tail_of_the_full_run(two_datasets, num_workers):
+    augment = train_transform(8)
+    options = dict(seed=3, rank=1, world_size=2, num_workers=num_workers, shuffle_buffer=5)
+    full = take(stage1_batches(two_datasets, augment, 2, **options), 12)
+    resumed = take(stage1_batches(two_datasets, augment, 2, start_batch=7, **options), 5)
+    assert same_batches(full[7:], resumed)
+    assert {b["dataset"] for b in full} == {spec for spec, _ in two_datasets}  # both datasets took part
+
+
+def test_augmentation_leaves_the_callers_rng_alone(tmp_path):
+    pattern = make_dataset(tmp_path, "d", shards=1, per_shard=3)
+    torch.manual_seed(123)
+    random.seed(123)
+    expected_torch, expected_python = torch.rand(1), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    next(stage1_batches([(pattern, 1.0)], train_transform(8), 3, seed=0))
+    assert torch.equal(torch.rand(1), expected_torch) and random.random() == expected_python
+
+
+@pytest.mark.parametrize("shards,per_shard", [(8, 5), (2, 20)])  # whole shards per reader / samples dealt out
+def test_two_ranks_two_workers_cover_each_sample_once_per_pass(tmp_path, transform, shards, per_shard):
+    pattern = make_dataset(tmp_path, "d", shards=shards, per_shard=per_shard)
+    total = shards * per_shard  # 40: 4 readers x 10 samples, 2 batches of 5 each
+    keys: list[str] = []
+    for rank in range(2):
+        stream = stage1_batches([(pattern, 1.0)], transform, 5, seed=11, rank=rank, world_size=2, num_workers=2)
+        keys += [key for batch in take(stream, total // 5 // 2) for key in batch["key"]]
+    assert len(keys) == total and len(set(keys)) == total  # no duplicates, full coverage
+
+
+def test_mixing_ratio_is_respected(tmp_path, transform):
+    big = make_dataset(tmp_path / "a", "a", shards=1, per_shard=4)
+    small = make_dataset(tmp_path / "b", "b", shards=1, per_shard=4)
+    batches = take(stage1_batches([(big, 3.0), (small, 1.0)], transform, 1, seed=0, shuffle_buffer=0), 400)
+    counts = Counter(batch["key"][0][0] for batch in batches)
+    assert 0.68 < counts["a"] / 400 < 0.82, counts  # expected 0.75; each batch comes whole from one dataset
+
+
+def test_bad_samples_and_truncated_tar_are_skipped_and_reported(tmp_path, transform, caplog):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "00000.tar", [
+        good_sample("ok-0", 0),
+        {"__key__": "corrupt", "jpg": b"\xff\xd8 not really a jpeg", "json": json.dumps({"caption": "a cat"})},
+        {"__key__": "empty", "jpg": encode(synthetic(1)), "json": json.dumps({"caption": " ... "}), "txt": ""},
+        {"__key__": "nocaption", "jpg": encode(synthetic(2))},
+        {"__key__": "noimage", "txt": "a caption without its image"},
+        {"__key__": "png-txt-only", "png": encode(photo("coffee"), "PNG"), "txt": "A cup of coffee"},
+        good_sample("ok-1", 1),
+    ])
+    write_shard(folder / "00001.tar", [good_sample(f"t-{i}", i + 2) for i in range(4)])
+    data = (folder / "00001.tar").read_bytes()
+    cut = data.index(b"t-2.jpg") + 700  # inside the third sample's image: the rest of the shard is lost
+    (folder / "00001.tar").write_bytes(data[:cut])
+    pattern = f"{folder}/{{00000..00002}}.tar"  # 00002.tar does not exist (an img2dataset gap)
+
+    stream = stage1_batches([(pattern, 1.0)], transform, 1, seed=0, shuffle_buffer=0)
+    batches = take(stream, 6)  # one pass (ok-0, png-txt-only, ok-1, t-0, t-1) and one sample of the next
+    assert sorted(key for b in batches[:5] for key in b["key"]) == ["ok-0", "ok-1", "png-txt-only", "t-0", "t-1"]
+    assert next(b for b in batches if b["key"] == ["png-txt-only"])["text"] == ["a cup of coffee"]  # .txt fallback
+    # A problem is reported with the first batch after it; the 6th batch carries the end of the first pass.
+    skipped = list(dict.fromkeys(skip for b in batches for skip in b["skipped"]))
+    reasons = {(s.source.rsplit("/", 1)[-1], s.key): s.reason.split(":")[0] for s in skipped}
+    assert reasons == {
+        ("00000.tar", "corrupt"): "corrupt image",
+        ("00000.tar", "empty"): "empty caption",
+        ("00000.tar", "nocaption"): "no caption",
+        ("00000.tar", "noimage"): "no image",
+        ("00001.tar", "t-2"): "truncated tar",
+        ("00002.tar", ""): "missing shard",
+    }
+    assert "skipped 6 samples" in summarize_skips(skipped)
+    assert "00000.tar [corrupt]: corrupt image" in caplog.text  # logged with shard and key
+    assert next(stream)["image"].shape == (1, 3, 8, 8)  # the stream goes on into the next pass
+
+
+def test_tar_cut_at_a_header_is_reported_not_silently_shortened(tmp_path):
+    path = tmp_path / "00000.tar"
+    write_shard(path, [good_sample(f"k{i}", i + 1) for i in range(3)])
+    data = path.read_bytes()
+    header = data.index(b"k2.jpg")  # cut in the middle of the third sample's first header block
+    path.write_bytes(data[: header + 100])
+    entries = list(read_tar_groups(str(path)))
+    assert [e[0] for e in entries if not isinstance(e, SkippedSample)] == ["k0"]  # k1 may be incomplete: dropped
+    assert isinstance(entries[-1], SkippedSample) and entries[-1].reason.startswith("truncated tar")
+    assert entries[-1].key == "k1"
+
+
+def test_bad_arguments_fail_early_naming_the_problem(tmp_path, transform):
+    pattern = make_dataset(tmp_path, "d", shards=1, per_shard=2)
+    with pytest.raises(ValueError, match="mixing ratio"):
+        stage1_batches([(pattern, 0.0)], transform, 2, seed=0)
+    with pytest.raises(ValueError, match="rank"):
+        stage1_batches([(pattern, 1.0)], transform, 2, seed=0, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="none of the 3 shards"):
+        stage1_batches([(f"{tmp_path}/nowhere/{{0..2}}.tar", 1.0)], transform, 2, seed=0)
