@@ -1,0 +1,477 @@
+"""Text generation from prompts with images: batched, streamed, with stop strings on every row.
+
+The LLM input is built exactly as in training: `layout_sample` + `collate_layouts` (left padding
+here) give token ids and image positions, `MiniGPT4.encode_images` the image embeddings and
+`MiniGPT4.embed` writes them in. Decoding is transformers' `generate(inputs_embeds=...,
+attention_mask=...)` with a KV cache; our own stopping criterion ends each row at its stop strings
+(any tokenization of them) and at EOS, and finds where the generated ids start, whatever the
+transformers version returns in front of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, collate_layouts, layout_sample, pad_token_id
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationSettings:
+    """How to decode. Defaults are the original demo's (sampling, top-p 0.9, 300 new tokens)."""
+
+    max_new_tokens: int = 300
+    do_sample: bool = True  # False = greedy (or plain beam search with num_beams > 1)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0  # 0 = off
+    num_beams: int = 1
+    repetition_penalty: float = 1.0  # sees the generated ids only (the prompt is given as embeddings)
+    stop: list[str] = field(default_factory=list)  # on top of the template's own stop strings
+    seed: int | None = None  # None = not reseeded
+    max_context: int = 2000  # prompt + new tokens; longer conversations drop old turns
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature > 0, "> 0 (use do_sample=False for greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
+            ("num_beams", self.num_beams >= 1, "at least 1"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1.0 turns it off)"),
+            ("max_context", self.max_context >= 2, "at least 2"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"GenerationSettings.{name}={getattr(self, name)!r} must be {expected}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"GenerationSettings.stop must hold non-empty strings, got {self.stop!r}")
+
+    def replace(self, **changes) -> "GenerationSettings":
+        """A copy with `changes` applied; unknown names are an error that lists the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Completion:
+    """One generated answer."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens up to and including the one that ended the answer
+    finish_reason: FinishReason
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def encode_images(model, images: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per prompt, its images' projected embeddings (n_i, Q, H); all images go through one batch."""
+    flat = [image for row in images for image in row]
+    if not flat:
+        return [torch.empty(0) for _ in images]
+    for image in flat:
+        if image.dim() != 3:
+            raise ValueError(f"each image must be a (3, H, W) tensor, got shape {tuple(image.shape)}")
+    embeds = model.encode_images(torch.stack(flat).to(model.device))  # (N, Q, H)
+    return list(torch.split(embeds, [len(row) for row in images]))
+
+
+@dataclass
+class PreparedInputs:
+    """Left-padded LLM inputs for a batch of prompts."""
+
+    inputs_embeds: torch.Tensor  # (B, L, H)
+    attention_mask: torch.Tensor  # (B, L)
+    prompt_tokens: list[int]  # unpadded length of each row
+
+
+def prepare_inputs(
+    model, prompts: Sequence[str], image_embeds: Sequence[torch.Tensor], add_bos: bool = True
+) -> PreparedInputs:
+    """Lay out `prompts` (one `<ImageHere>` per image) and write the image embeddings in."""
+    if len(prompts) != len(image_embeds):
+        raise ValueError(f"got {len(prompts)} prompts but image lists for {len(image_embeds)}")
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    tokenizer = model.tokenizer
+    samples = []
+    for row, (prompt, embeds) in enumerate(zip(prompts, image_embeds)):
+        slots = prompt.count(IMAGE_PLACEHOLDER)
+        given = embeds.shape[0] if embeds.numel() else 0
+        if slots != given:
+            raise ValueError(f"prompt {row} has {slots} {IMAGE_PLACEHOLDER} placeholder(s) but {given} image(s)")
+        samples.append(layout_sample(tokenizer, prompt, model.num_image_tokens, add_bos=add_bos))
+    batch = collate_layouts(samples, pad_token_id(tokenizer), padding_side="left").to(model.device)
+    present = [e for e in image_embeds if e.numel()]
+    hidden = model.llm.get_input_embeddings().embedding_dim
+    stacked = torch.cat(present) if present else torch.empty(0, model.num_image_tokens, hidden, device=model.device)
+    inputs_embeds = model.embed(batch, stacked.to(model.device))
+    return PreparedInputs(inputs_embeds, batch.attention_mask, [len(s.input_ids) for s in samples])
+
+
+# ------------------------------------------------------------------------------------ stopping
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> list[int]:
+    """EOS plus every stop string that is one special token (such as ChatML's `<|im_end|>`)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    for stop in stops:
+        if stop in special:
+            token_id = tokenizer.convert_tokens_to_ids(stop)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    return ids
+
+
+def text_stops(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> list[str]:
+    """The stop strings that are matched as text (special tokens are matched by id instead)."""
+    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    return list(dict.fromkeys(s for s in stops if s not in special))
+
+
+class StopCriteria(StoppingCriteria):
+    """Ends each row (or beam) on its own when its generated text reaches a stop string.
+
+    Matching is transformers' `StopStringCriteria`, which works on the tokenizer's vocabulary: it
+    finds a stop string however the tokens split it, also inside one token, and answers per row.
+    The first call also records how many ids `generate` put in front of the new tokens (none in
+    transformers 5 for `inputs_embeds`, a dummy BOS in older versions), and `cancel()` ends every
+    row at the next step (a streaming client went away).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.prefix_length: int | None = None
+        self._cancelled = threading.Event()
+        self._strings = StopStringCriteria(tokenizer, self.stops) if self.stops else None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.prefix_length is None:
+            self.prefix_length = input_ids.shape[1] - 1
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self._cancelled.is_set():
+            return ~done
+        if self._strings is not None:
+            done |= self._strings(input_ids, scores)
+        return done
+
+
+def finish(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stops: Sequence[str], eos_ids: Sequence[int]
+) -> tuple[str, int, FinishReason]:
+    """Generated ids -> (answer text, tokens it took, finish reason).
+
+    The answer ends before the first EOS/stop token or stop string; special tokens are not shown;
+    surrounding whitespace is stripped.
+    """
+    ids = list(ids)
+    eos = set(eos_ids)
+    end = next((i for i, t in enumerate(ids) if t in eos), None)
+    if end is not None:
+        ids, count, reason = ids[:end], end + 1, "stop"
+    else:
+        count, reason = len(ids), "length"
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    cut = _first_stop(text, stops)
+    if cut is not None:
+        text, reason = text[:cut], "stop"
+        # The fewest tokens whose text already holds the stop string (the check is monotone in the length).
+        low, high = 1, len(ids)
+        while low < high:
+            mid = (low + high) // 2
+            if _first_stop(tokenizer.decode(ids[:mid], skip_special_tokens=True), stops) is not None:
+                high = mid
+            else:
+                low = mid + 1
+        count = low
+    return text.strip(), count, reason
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+def _generation_config(model, settings: GenerationSettings, max_new_tokens: int, eos_ids: list[int]) -> GenerationConfig:
+    # Every field is set explicitly: transformers fills unset ones from the model's own generation
+    # config (e.g. top_k=50), which would silently change the sampling.
+    # Greedy and plain beam search use no warpers, so the sampling fields are left out there.
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=settings.do_sample,
+        num_beams=settings.num_beams,
+        **(sampling if settings.do_sample else {}),
+        repetition_penalty=settings.repetition_penalty,
+        num_return_sequences=1,
+        eos_token_id=eos_ids or None,
+        pad_token_id=pad_token_id(model.tokenizer),
+        use_cache=True,
+    )
+
+
+def _new_token_budget(prepared: PreparedInputs, settings: GenerationSettings) -> int:
+    length = prepared.inputs_embeds.shape[1]
+    room = settings.max_context - length
+    if room < 1:
+        raise ValueError(
+            f"the prompt takes {length} tokens, which leaves no room under max_context={settings.max_context}; "
+            "shorten the prompt or raise max_context"
+        )
+    if room < settings.max_new_tokens:
+        log.info("max_new_tokens lowered from %d to %d to stay within max_context", settings.max_new_tokens, room)
+    return min(settings.max_new_tokens, room)
+
+
+class _Seeded:
+    """Seeds torch's RNG for one generation without disturbing the caller's RNG state."""
+
+    def __init__(self, seed: int | None, device: torch.device):
+        self.seed = seed
+        self.fork = torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], device_type=device.type, enabled=seed is not None
+        )
+
+    def __enter__(self) -> None:
+        self.fork.__enter__()
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc) -> None:
+        self.fork.__exit__(*exc)
+
+
+def _run_generate(model, prepared: PreparedInputs, settings: GenerationSettings, criteria: StopCriteria,
+                  eos_ids: list[int], streamer: BaseStreamer | None = None) -> torch.Tensor:
+    config = _generation_config(model, settings, _new_token_budget(prepared, settings), eos_ids)
+    with torch.inference_mode(), _Seeded(settings.seed, model.device), warnings.catch_warnings():
+        # Penalising only generated tokens is intended: the original behaves the same way.
+        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+        return model.llm.generate(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=prepared.attention_mask,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([criteria]),
+            streamer=streamer,
+        )
+
+
+def _stops(model, settings: GenerationSettings, template_stops: Sequence[str]) -> tuple[list[str], list[int]]:
+    every = list(template_stops) + list(settings.stop)
+    return text_stops(model.tokenizer, every), stop_token_ids(model.tokenizer, every)
+
+
+def generate_from_embeds(
+    model,
+    prompts: Sequence[str],
+    image_embeds: Sequence[torch.Tensor],
+    settings: GenerationSettings,
+    *,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+) -> list[Completion]:
+    """`generate` for images already encoded with `encode_images` (cache them across turns)."""
+    with torch.inference_mode():
+        prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
+    stops, eos_ids = _stops(model, settings, template_stops)
+    criteria = StopCriteria(model.tokenizer, stops)
+    sequences = _run_generate(model, prepared, settings, criteria, eos_ids)
+    new_ids = sequences[:, criteria.prefix_length:].tolist()  # (B, T) generated ids, finished rows padded
+    completions = []
+    for ids, prompt_tokens in zip(new_ids, prepared.prompt_tokens):
+        text, count, reason = finish(model.tokenizer, ids, stops, eos_ids)
+        completions.append(Completion(text, prompt_tokens, count, reason))
+    return completions
+
+
+def generate(
+    model,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[torch.Tensor]],
+    settings: GenerationSettings | None = None,
+    *,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+) -> list[Completion]:
+    """Answer a batch of prompts (left padding, KV cache); every row stops at its own stop strings.
+
+    Args:
+        model: a `MiniGPT4`.
+        prompts: rendered prompts, one `<ImageHere>` per image (see `minigpt4.chat.templates`).
+        images: per prompt, its (3, H, W) pixel tensors in placeholder order.
+        settings: decoding settings; `settings.stop` adds to `template_stops`.
+        template_stops: the conversation template's stop strings (`template.stop`).
+        add_bos: prepend BOS (`template.add_bos`; always true in training).
+    """
+    settings = settings or GenerationSettings()
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but image lists for {len(images)}")
+    with torch.inference_mode():
+        image_embeds = encode_images(model, images)
+    return generate_from_embeds(model, prompts, image_embeds, settings, template_stops=template_stops, add_bos=add_bos)
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands the ids `generate` produces to the consuming thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids, never new tokens
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of SentencePiece byte-fallback tokens ("<0xE2>"): a run of them decodes only once complete."""
+    return {i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok)}
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _stable_text(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    stops: Sequence[str],
+    eos_ids: Sequence[int],
+    byte_ids: set[int],
+) -> str:
+    """The part of the answer so far that later tokens cannot change: a prefix of the final text."""
+    text, _, reason = finish(tokenizer, ids, stops, eos_ids)
+    if reason == "stop":
+        return text
+    settled = len(ids)
+    while settled and ids[settled - 1] in byte_ids:  # an open byte run may still turn into other characters
+        settled -= 1
+    raw = tokenizer.decode(ids[:settled], skip_special_tokens=True).lstrip()
+    # Hold back a tail that may still become a stop string, an unfinished UTF-8 character, and
+    # trailing whitespace (the final answer is stripped).
+    hold = max((k for s in stops for k in range(1, len(s)) if raw.endswith(s[:k])), default=0)
+    return raw[: len(raw) - hold].rstrip("\ufffd").rstrip()
+
+
+def stream_from_embeds(
+    model,
+    prompt: str,
+    image_embeds: torch.Tensor,
+    settings: GenerationSettings,
+    *,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+    on_finish: Callable[[Completion], None] | None = None,
+) -> Iterator[str]:
+    """`stream` for images already encoded; `on_finish` gets the whole Completion at the end.
+
+    Closing the iterator early stops the generation thread at its next step.
+    """
+    if settings.num_beams > 1:
+        # Beams are only settled at the end, so there is nothing to stream before that.
+        completion = generate_from_embeds(
+            model, [prompt], [image_embeds], settings, template_stops=template_stops, add_bos=add_bos
+        )[0]
+        if on_finish is not None:
+            on_finish(completion)
+        if completion.text:
+            yield completion.text
+        return
+    with torch.inference_mode():
+        prepared = prepare_inputs(model, [prompt], [image_embeds], add_bos)
+    stops, eos_ids = _stops(model, settings, template_stops)
+    criteria = StopCriteria(model.tokenizer, stops)
+    streamer = _QueueStreamer()
+    byte_ids = _byte_token_ids(model.tokenizer)
+
+    def work() -> None:
+        try:
+            _run_generate(model, prepared, settings, criteria, eos_ids, streamer)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            streamer.queue.put(err)
+        else:
+            streamer.queue.put(None)
+
+    thread = threading.Thread(target=work, name="minigpt4-generate", daemon=True)
+    thread.start()
+    ids: list[int] = []
+    emitted = ""
+    try:
+        while True:
+            item = streamer.queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            ids += item
+            stable = _stable_text(model.tokenizer, ids, stops, eos_ids, byte_ids)
+            if stable.startswith(emitted) and len(stable) > len(emitted):
+                yield stable[len(emitted):]
+                emitted = stable
+        text, count, reason = finish(model.tokenizer, ids, stops, eos_ids)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted):]
+        elif not text.startswith(emitted):
+            log.warning("streamed text %r is not a prefix of the final answer %r", emitted, text)
+        if on_finish is not None:
+            on_finish(Completion(text, prepared.prompt_tokens[0], count, reason))
+    finally:
+        criteria.cancel()
+        thread.join()
+
+
+def stream(
+    model,
+    prompt: str,
+    images: Sequence[torch.Tensor],
+    settings: GenerationSettings | None = None,
+    *,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+    on_finish: Callable[[Completion], None] | None = None,
+) -> Iterator[str]:
+    """Answer one prompt, yielding text pieces as they are generated (nothing after a stop string).
+
+    The pieces join to exactly the text `generate` returns for the same settings and seed. With
+    `num_beams > 1` the answer comes as one piece at the end.
+    """
+    settings = settings or GenerationSettings()
+    with torch.inference_mode():
+        embeds = encode_images(model, [list(images)])[0]
+    yield from stream_from_embeds(
+        model, prompt, embeds, settings, template_stops=template_stops, add_bos=add_bos, on_finish=on_finish
+    )

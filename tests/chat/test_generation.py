@@ -1,0 +1,122 @@
+"""Batched generation: stop strings end every row, left padding is exact, settings behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt4.chat.generation import GenerationSettings, generate, stream
+from minigpt4.chat.templates import Message, get_template
+from minigpt4.processing.prompt import layout_sample
+
+GREEDY = GenerationSettings(do_sample=False, max_new_tokens=8)
+# Four prompts whose last tokens start chains that reach "###" after 1, 2, 4 and 3 tokens, each
+# tokenized differently: "▁###", "###", "##"+"#", "<0x23>"+"##".
+PROMPTS = [
+    "<Img><ImageHere></Img> describe the",
+    "<Img><ImageHere></Img> describe this",
+    "<Img><ImageHere></Img> describe the image and",
+    "<Img><ImageHere></Img> describe you",
+]
+CHAINS = [
+    ["▁the", "▁###"],
+    ["▁this", "▁red", "###"],
+    ["▁and", "▁image", "▁of", "##", "#"],
+    ["▁you", "▁me", "<0x23>", "##"],
+]
+
+
+@pytest.fixture
+def bigram_model(tiny_model, make_bigram):
+    vocab = tiny_model.tokenizer.get_vocab()
+    successor = {}
+    for chain in CHAINS:
+        for source, target in zip(chain, chain[1:]):
+            successor[vocab[source]] = vocab[target]
+    successor[vocab["##"]] = vocab["#"]
+    # After a stop string the text would go on with "in in in ..." if nothing stopped it.
+    for end in ("▁###", "###", "#", "▁in"):
+        successor[vocab[end]] = vocab["▁in"]
+    make_bigram(tiny_model.llm, successor)
+    for prompt, chain in zip(PROMPTS, CHAINS):
+        assert layout_sample(tiny_model.tokenizer, prompt, 8).input_ids[-1] == vocab[chain[0]]
+    return tiny_model
+
+
+def test_batched_generation_stops_every_row_at_stop_string(bigram_model, pixels):
+    calls = []
+    hook = bigram_model.llm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = generate(bigram_model, PROMPTS, [[pixels]] * 4, GREEDY, template_stops=["###"])
+    finally:
+        hook.remove()
+    assert [c.text for c in out] == ["", "red", "image of", "me"]
+    assert [c.completion_tokens for c in out] == [1, 2, 4, 3]
+    assert [c.finish_reason for c in out] == ["stop"] * 4
+    # The loop ended as soon as the slowest row stopped: one forward pass per generated step.
+    assert len(calls) == 4
+    # Without the stop string every row would have run on to max_new_tokens.
+    free = generate(bigram_model, PROMPTS, [[pixels]] * 4, GREEDY)
+    assert all(c.finish_reason == "length" and c.completion_tokens == 8 and "###" in c.text for c in free)
+
+
+def test_stop_strings_from_settings_and_inside_one_token(bigram_model, pixels):
+    out = generate(bigram_model, PROMPTS[2:3], [[pixels]], GREEDY.replace(stop=["ag"]))
+    assert out[0].text == "im" and out[0].completion_tokens == 1 and out[0].finish_reason == "stop"
+
+
+def test_stream_yields_the_same_text_and_never_the_stop_string(bigram_model, pixels):
+    for prompt in PROMPTS:
+        pieces = list(stream(bigram_model, prompt, [pixels], GREEDY, template_stops=["###"]))
+        expected = generate(bigram_model, [prompt], [[pixels]], GREEDY, template_stops=["###"])[0].text
+        assert "".join(pieces) == expected
+        assert all("#" not in piece for piece in pieces)
+
+
+def test_repetition_penalty_sees_generated_tokens(bigram_model, pixels):
+    looping = generate(bigram_model, PROMPTS[:1], [[pixels]], GREEDY)[0]
+    assert looping.text.split().count("in") >= 5  # "### in in in ..."
+    penalised = generate(bigram_model, PROMPTS[:1], [[pixels]], GREEDY.replace(repetition_penalty=1e6))[0]
+    ids = bigram_model.tokenizer(penalised.text, add_special_tokens=False).input_ids
+    assert "in in" not in penalised.text and len(ids) >= 3
+
+
+def test_left_padded_batch_equals_rows_alone(tiny_model, pixels):
+    template = get_template("vicuna_v0", tiny_model.tokenizer)
+    questions = ["Describe this image in detail.", "What?", "Could you describe the contents of this image for me?"]
+    prompts = [template.render([Message("user", q, images=1)]) for q in questions]
+    settings = GenerationSettings(do_sample=False, max_new_tokens=6, stop=["###"])
+    batched = generate(tiny_model, prompts, [[pixels]] * 3, settings)
+    alone = [generate(tiny_model, [p], [[pixels]], settings)[0] for p in prompts]
+    assert batched == alone
+    assert len({c.prompt_tokens for c in batched}) == 3
+
+
+def test_sampling_is_seedable_and_beam_search_runs(tiny_model, pixels):
+    prompt = ["<Img><ImageHere></Img> describe the image"]
+    sampled = GenerationSettings(max_new_tokens=12, temperature=1.5, top_k=40, top_p=0.95, seed=7)
+    first = generate(tiny_model, prompt, [[pixels]], sampled)
+    assert generate(tiny_model, prompt, [[pixels]], sampled) == first
+    others = [generate(tiny_model, prompt, [[pixels]], sampled.replace(seed=s))[0].text for s in range(4)]
+    assert len(set(others + [first[0].text])) > 1
+    rng_before = torch.get_rng_state()
+    generate(tiny_model, prompt, [[pixels]], sampled)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # seeding does not touch the caller's RNG
+    beams = GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=5)
+    assert generate(tiny_model, prompt, [[pixels]], beams) == generate(tiny_model, prompt, [[pixels]], beams)
+    assert "".join(stream(tiny_model, prompt[0], [pixels], beams)) == generate(tiny_model, prompt, [[pixels]], beams)[0].text
+
+
+def test_context_budget_and_input_errors(tiny_model, pixels):
+    prompt = "<Img><ImageHere></Img> describe the image"
+    length = len(layout_sample(tiny_model.tokenizer, prompt, tiny_model.num_image_tokens).input_ids)
+    out = generate(tiny_model, [prompt], [[pixels]], GREEDY.replace(max_new_tokens=50, max_context=length + 3))[0]
+    assert out.completion_tokens <= 3 and out.prompt_tokens == length
+    with pytest.raises(ValueError, match="no room under max_context"):
+        generate(tiny_model, [prompt], [[pixels]], GREEDY.replace(max_context=length))
+    with pytest.raises(ValueError, match="1 <ImageHere> placeholder\\(s\\) but 2 image"):
+        generate(tiny_model, [prompt], [[pixels, pixels]], GREEDY)
+    with pytest.raises(ValueError, match="GenerationSettings.top_p=1.5"):
+        GenerationSettings(top_p=1.5)
+    with pytest.raises(TypeError, match="unknown generation setting"):
+        GREEDY.replace(beams=2)
