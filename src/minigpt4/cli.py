@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("minigpt4.commands.loss", "build a model and print its loss on an image and a caption"),
     "data": ("minigpt4.commands.data", "make webdataset shards from images + captions; check shards or aligned folders"),
     "train": ("minigpt4.commands.train", "train the projection (stage 1 or 2) from a job YAML; works under torchrun"),
+    "cache-features": ("minigpt4.commands.cache_features", "precompute frozen image features for faster training"),
 }
 
 

@@ -318,6 +318,9 @@ class DataConfig:
     max_txt_len: int = 32  # target + end_sym, in tokens (160 in stage 2)
     process_captions: bool = True  # blip_caption on webdataset captions (the aligned set uses raw captions)
     augment: bool = True  # RandomResizedCrop(scale 0.5-1) as the original; false = plain resize
+    # A folder written by `minigpt4 cache-features` for these datasets: batches then carry the cached
+    # frozen features instead of pixels (refused if made with other frozen weights or transform).
+    feature_cache: str = ""
 
 
 @dataclass

