@@ -1,0 +1,98 @@
+"""The model side of the server: OpenAI messages -> prompt + image tensors, and the calls into generation.
+
+Rendering and generation are the chat package's (`minigpt4.chat.templates`, `minigpt4.chat.generation`);
+this module only adapts the OpenAI message list to them and counts tokens for the limits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from minigpt4.chat import generation
+from minigpt4.chat.generation import Completion, GenerationSettings
+from minigpt4.chat.templates import Message, get_template
+from minigpt4.model.minigpt4 import MiniGPT4
+from minigpt4.processing.image import eval_transform
+from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, layout_sample
+
+
+@dataclass
+class Conversation:
+    """An OpenAI message list reduced to what the template renders."""
+
+    messages: list[Message]
+    system: str | None
+
+
+def to_conversation(turns: list[tuple[str, str, int]], default_system: str | None) -> Conversation:
+    """(role, text, images) triples in OpenAI order -> alternating user/assistant messages.
+
+    System (and "developer") texts are joined into the system prompt. Consecutive messages of the
+    same role are merged, because clients send them but the templates need strict alternation.
+
+    Raises:
+        ValueError: the conversation does not start with a user message (after system texts), does
+            not end with one, or uses the image placeholder as text.
+    """
+    system_parts: list[str] = []
+    messages: list[Message] = []
+    for role, text, images in turns:
+        if IMAGE_PLACEHOLDER in text:
+            raise ValueError(f"message text may not contain the image placeholder {IMAGE_PLACEHOLDER!r}")
+        if role in ("system", "developer"):
+            system_parts.append(text)
+        elif messages and messages[-1].role == role:
+            last = messages[-1]
+            joined = "\n".join(t for t in (last.text, text) if t)
+            messages[-1] = Message(role=last.role, text=joined, images=last.images + images)  # type: ignore[arg-type]
+        else:
+            messages.append(Message(role=role, text=text, images=images))  # type: ignore[arg-type]
+    if not messages or messages[0].role != "user":
+        raise ValueError("the conversation must start with a user message (after any system messages)")
+    if messages[-1].role != "user":
+        raise ValueError("the last message must come from the user; it is the one answered")
+    system = "\n".join(system_parts) if system_parts else default_system
+    return Conversation(messages, system)
+
+
+class ModelEngine:
+    """A loaded MiniGPT-4 with its conversation template, image transform and generation calls.
+
+    `render`, `count_tokens` and `pixels` run on request threads; `generate` and `stream` only on
+    the scheduler's worker thread (the model is not thread-safe).
+    """
+
+    def __init__(self, model: MiniGPT4, template: str = "vicuna_v0"):
+        self.model = model
+        self.template = get_template(template, model.tokenizer)
+        # Request threads tokenize while the worker generates: give them their own tokenizer.
+        self._tokenizer = copy.deepcopy(model.tokenizer)
+        self.transform = eval_transform(model.config.vision.image_size)
+
+    def render(self, conversation: Conversation) -> str:
+        return self.template.render(conversation.messages, conversation.system)
+
+    def count_tokens(self, prompt: str) -> int:
+        """Prompt length in LLM positions: BOS, text tokens and every image's query tokens."""
+        laid = layout_sample(self._tokenizer, prompt, self.model.num_image_tokens, add_bos=self.template.add_bos)
+        return len(laid.input_ids)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """(3, H, W) normalised pixels, the eval transform the model was trained with."""
+        return self.transform(image)
+
+    def generate(self, prompts: list[str], images: list[list[torch.Tensor]], settings: GenerationSettings) -> list[Completion]:
+        return generation.generate(self.model, prompts, images, settings,
+                        template_stops=self.template.stop, add_bos=self.template.add_bos)
+
+    def stream(
+        self, prompt: str, images: list[torch.Tensor], settings: GenerationSettings,
+        on_finish: Callable[[Completion], None],
+    ) -> Iterator[str]:
+        return generation.stream(self.model, prompt, images, settings, template_stops=self.template.stop,
+                      add_bos=self.template.add_bos, on_finish=on_finish)

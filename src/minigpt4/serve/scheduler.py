@@ -1,0 +1,235 @@
+"""Dynamic batching: one worker thread owns the model and runs queued requests in batches.
+
+The model is not thread-safe and one forward over B rows costs far less than B forwards, so every
+request becomes a `Job` in a bounded queue. The worker takes the oldest job, waits at most
+`max_wait_s` (counted from that job's arrival) for compatible jobs — the same generation
+settings, since one `generate` call shares them — and runs up to `max_batch_size` rows at once.
+Streamed jobs run alone through the token streamer. A full queue refuses new jobs (`QueueFull`),
+which the API answers 429 with Retry-After. A cancelled job (client gone) leaves the queue at once;
+a running stream stops at its next token. If a batch fails, its jobs are rerun one by one, so one
+bad request cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[str], list[list[Any]], Any], list[Any]]
+# stream_fn(prompt, images, settings, on_finish) yields text pieces, then calls on_finish(completion).
+StreamFn = Callable[[str, list[Any], Any, Callable[[Any], None]], Iterator[str]]
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` jobs; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class SchedulerClosed(Exception):
+    """The server is shutting down (or its worker died) and takes no more work."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: `n` rows of the same prompt and images.
+
+    The worker reports through the callbacks, from its own thread: `on_done(result, error)` once
+    (result: a list of n completions; for a stream its one completion, or None when it was cut
+    short), and for streams `on_delta(text)` per piece of text.
+    """
+
+    prompt: str
+    images: list[Any]
+    settings: Any
+    on_done: Callable[[Any, BaseException | None], None]
+    n: int = 1
+    on_delta: Callable[[str], None] | None = None
+    alone: bool = False  # run in a batch of its own (seeded sampling must not depend on neighbours)
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stream(self) -> bool:
+        return self.on_delta is not None
+
+    def batchable_with(self, other: "Job") -> bool:
+        return not (self.stream or other.stream or self.alone or other.alone) and self.settings == other.settings
+
+
+class BatchScheduler:
+    """Runs jobs on one worker thread, batching compatible ones; see the module docstring."""
+
+    def __init__(
+        self,
+        generate_fn: GenerateFn,
+        stream_fn: StreamFn,
+        max_batch_size: int = 8,
+        max_wait_s: float = 0.01,
+        max_queue: int = 64,
+    ):
+        self._generate = generate_fn
+        self._stream = stream_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running = 0  # rows in the model right now
+        self._seconds_per_batch = 1.0  # running average, for Retry-After
+        self._thread = threading.Thread(target=self._work, name="minigpt4-batcher", daemon=True)
+        self.batches_run = 0
+        self.rows_run = 0
+        self.cancelled = 0  # jobs dropped from the queue or streams stopped because the client left
+
+    # ---------------------------------------------------------------- client side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Refuse new work, fail what is queued, and wait for the running batch to finish."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            job.on_done(None, SchedulerClosed("the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and self._thread.is_alive()
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"queued": len(self._queue), "running": self._running, "max_queue": self.max_queue,
+                    "batches": self.batches_run, "rows": self.rows_run, "cancelled": self.cancelled}
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`, or raise QueueFull / SchedulerClosed at once."""
+        if job.n > self.max_batch_size:
+            raise ValueError(f"a job of {job.n} rows cannot fit max_batch_size={self.max_batch_size}")
+        with self._cond:
+            if not self.healthy:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                batches_ahead = math.ceil(len(self._queue) / self.max_batch_size)
+                raise QueueFull(max(1, math.ceil(batches_ahead * self._seconds_per_batch)))
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job if it still waits; a running stream stops at its next token."""
+        job.cancelled.set()
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return  # already running or done
+            self.cancelled += 1
+        job.on_done(None, SchedulerClosed("cancelled"))
+
+    # ---------------------------------------------------------------- worker side
+
+    def _next_batch(self) -> list[Job] | None:
+        """Block until there is work; return the oldest job plus compatible ones (None: closed)."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            first = self._queue.popleft()
+            batch, rows = [first], first.n
+            deadline = first.enqueued + self.max_wait_s
+            while not (first.stream or first.alone):
+                for job in list(self._queue):
+                    if rows + job.n <= self.max_batch_size and job.batchable_with(first):
+                        self._queue.remove(job)
+                        batch.append(job)
+                        rows += job.n
+                remaining = deadline - time.monotonic()
+                if rows >= self.max_batch_size or remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._running = rows
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            start = time.monotonic()
+            try:
+                if batch[0].stream:
+                    self._run_stream(batch[0])
+                else:
+                    self._run_batch(batch)
+            except Exception as err:  # the worker must outlive any request
+                log.exception("batch of %d jobs failed", len(batch))
+                for job in batch:
+                    job.on_done(None, err)
+            finally:
+                elapsed = time.monotonic() - start
+                with self._cond:
+                    self._running = 0
+                    self.batches_run += 1
+                    self.rows_run += sum(job.n for job in batch)
+                    self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
+
+    def _generate_rows(self, jobs: list[Job]) -> list[Any]:
+        prompts = [job.prompt for job in jobs for _ in range(job.n)]
+        images = [job.images for job in jobs for _ in range(job.n)]
+        completions = self._generate(prompts, images, jobs[0].settings)
+        if len(completions) != len(prompts):
+            raise RuntimeError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
+        return completions
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        try:
+            completions = self._generate_rows(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            log.exception("a batch of %d jobs failed; running them one by one", len(batch))
+            for job in batch:
+                try:
+                    job.on_done(self._generate_rows([job]), None)
+                except Exception as err:
+                    job.on_done(None, err)
+            return
+        start = 0
+        for job in batch:
+            job.on_done(completions[start:start + job.n], None)
+            start += job.n
+
+    def _run_stream(self, job: Job) -> None:
+        assert job.on_delta is not None
+        finished: list[Any] = []
+        deltas = self._stream(job.prompt, job.images, job.settings, finished.append)
+        try:
+            for text in deltas:
+                if job.cancelled.is_set():
+                    with self._cond:
+                        self.cancelled += 1
+                    break  # closing the generator below stops generation and frees the model
+                if text:
+                    job.on_delta(text)
+        finally:
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()
+        job.on_done(finished[0] if finished else None, None)

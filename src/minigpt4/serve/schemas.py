@@ -1,0 +1,190 @@
+"""OpenAI chat-completions request and response bodies (the subset this server speaks).
+
+Requests are validated strictly: a string where a number belongs is an error, not a guess.
+Fields the server cannot honour (tools, JSON mode, log-probabilities, penalties) are refused
+with a message rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# ---------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    # Refused unless left at their neutral values; see `unsupported`.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server cannot do, or None."""
+        if self.presence_penalty:
+            return "presence_penalty"
+        if self.frequency_penalty:
+            return "frequency_penalty"
+        if self.logprobs or self.top_logprobs:
+            return "logprobs"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            return "tools"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _field_path(loc: tuple) -> str:
+    """'messages.0.content.0.text' from pydantic's location, without its union-branch labels."""
+    parts: list[str] = []
+    for item in map(str, loc):
+        if "[" in item or item in _TYPE_LABELS:
+            continue  # a union branch such as 'str' or 'list[tagged-union[...]]'
+        if parts and parts[-1] == item:
+            continue  # a tagged-union tag followed by the field of the same name ('text', 'text')
+        parts.append(item)
+    return ".".join(parts) or "body"
+
+
+def describe_validation_error(err: ValidationError, limit: int = 3) -> str:
+    """pydantic's errors as one line naming each field: 'messages.0.role: Input should be ...'."""
+    by_field: dict[str, list[str]] = {}
+    for item in err.errors(include_url=False):
+        if item["type"] == "json_invalid":
+            return f"the body is not valid JSON: {item['msg']}"
+        messages = by_field.setdefault(_field_path(item["loc"]), [])
+        if item["msg"] not in messages:
+            messages.append(item["msg"])
+    # A union reports every branch; where one branch got deeper (content -> content.0.text), that one is the news.
+    fields = [f for f in by_field if not any(other.startswith(f + ".") for other in by_field)]
+    lines = [f"{field}: {' or '.join(by_field[field])}" for field in fields[:limit]]
+    more = len(fields) - limit
+    return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "minigpt4"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
