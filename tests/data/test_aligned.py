@@ -32,9 +32,9 @@ def test_start_batch_yields_exactly_the_tail_of_the_full_run(tmp_path, num_worke
     options = dict(seed=5, num_workers=num_workers)
     full = take(stage2_batches(str(root), augment, 2, **options), 9)
     again = take(stage2_batches(str(root), augment, 2, **options), 9)
-    resumed = take(stage2_batches(str(root), augment, 2, start_batch=4, **options), 5)
+    resumed = take(stage2_batches(str(root), augment, 2, start_batch=5, **options), 4)  # odd: worker 1 first
     assert same_batches(full, again)
-    assert same_batches(full[4:], resumed)
+    assert same_batches(full[5:], resumed)
 
 
 def test_two_ranks_two_workers_split_without_duplicates(tmp_path, transform):
@@ -91,3 +91,13 @@ def test_prompt_file_lines_without_placeholder_are_dropped(tmp_path, caplog):
         load_prompts(str(path), "{}")
     with pytest.raises(ValueError, match="exactly one"):
         load_prompts(None, "no slot")
+
+
+def test_skips_found_in_worker_processes_reach_the_batches(tmp_path, transform):
+    root = make_aligned(tmp_path, 8)
+    (root / "image" / "6.jpg").write_bytes(b"\x89PNG broken")
+    stream = stage2_batches(str(root), transform, 1, seed=2, num_workers=2)
+    batches = take(stream, 8)  # 4 from each worker: at least its whole first pass (4 pairs, 3 if it met the bad one)
+    assert {key for b in batches for key in b["key"]} == {"1", "2", "3", "4", "5", "7", "8"}
+    skips = [s for b in batches for s in b["skipped"]]
+    assert skips and {(s.key, s.reason.split(":")[0]) for s in skips} == {("6", "corrupt image")}

@@ -69,15 +69,18 @@ def stable_seed(*parts: object) -> int:
 
 
 def seeded_transform(transform: ImageTransform, image: Image.Image, seed: int) -> torch.Tensor:
-    """Run `transform` with the torch and Python RNGs seeded from `seed`, leaving the callers' RNGs untouched."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return transform(image)
-        finally:
-            random.setstate(python_state)
+    """Run `transform` with the CPU torch and Python RNGs seeded from `seed`, then restore the callers' states.
+
+    Only the CPU generator is touched (torch.manual_seed would also reseed every accelerator, and costs 100x more).
+    """
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return transform(image)
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
 
 
 def image_problem(err: ImageError) -> str:
