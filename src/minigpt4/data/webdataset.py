@@ -187,35 +187,22 @@ class ShardSource:
         buffer_rng = random.Random(stable_seed("buffer", self.seed, self.index, slot))
         empty_passes = 0
         for epoch in count():
-            order = list(self.shards)
-            random.Random(stable_seed("shards", self.seed, self.index, epoch)).shuffle(order)
-            by_shard = len(order) >= num_slots
-            mine = order[slot::num_slots] if by_shard else order
             buffer: list[Candidate] = []
             found = 0
-            ordinal = 0  # sample counter over the pass, for the per-sample split
-            for shard in mine:
-                for entry in read_tar_groups(shard):
-                    if isinstance(entry, SkippedSample):
-                        # Every slot reads every shard in per-sample mode: let one slot report shard problems.
-                        if by_shard or slot == order.index(shard) % num_slots:
-                            yield entry
-                        continue
-                    ordinal += 1
-                    if not by_shard and (ordinal - 1) % num_slots != slot:
-                        continue
-                    item = tar_sample(shard, entry[0], entry[1], self.caption_processor,
-                                      stable_seed("sample", self.seed, self.index, epoch, shard, entry[0]))
-                    if isinstance(item, SkippedSample):
-                        yield item
-                        continue
-                    found += 1
-                    if self.shuffle_buffer <= 1:
-                        yield item
-                        continue
-                    buffer.append(item)
-                    if len(buffer) >= self.shuffle_buffer:
-                        yield buffer.pop(buffer_rng.randrange(len(buffer)))
+            for item in self._pass_items(epoch, slot, num_slots):
+                if isinstance(item, SkippedSample):
+                    yield item
+                    continue
+                found += 1
+                if self.shuffle_buffer <= 1:
+                    yield item
+                    continue
+                buffer.append(item)
+                if len(buffer) >= self.shuffle_buffer:
+                    # Swap a random entry to the end and pop it: O(1), and the buffer order stays seeded.
+                    pick = buffer_rng.randrange(len(buffer))
+                    buffer[pick], buffer[-1] = buffer[-1], buffer[pick]
+                    yield buffer.pop()
             buffer_rng.shuffle(buffer)
             yield from buffer
             empty_passes = 0 if found else empty_passes + 1
@@ -224,6 +211,28 @@ class ShardSource:
                     f"no usable sample in {MAX_EMPTY_PASSES} passes over this reader's share of {self.spec!r} "
                     f"(slot {slot} of {num_slots}); run `minigpt4 data check` on it, or use fewer workers/ranks"
                 )
+
+    def _pass_items(self, epoch: int, slot: int, num_slots: int) -> Iterator[Candidate | SkippedSample]:
+        """This slot's share of pass `epoch`, in shard order (before the shuffle buffer)."""
+        order = list(self.shards)
+        random.Random(stable_seed("shards", self.seed, self.index, epoch)).shuffle(order)
+        by_shard = len(order) >= num_slots
+        ordinal = 0  # sample counter over the pass, for the per-sample split
+        for position, shard in enumerate(order):
+            if by_shard and position % num_slots != slot:
+                continue
+            for entry in read_tar_groups(shard):
+                if isinstance(entry, SkippedSample):
+                    # In per-sample mode every slot reads every shard: one slot reports a shard's problems.
+                    if by_shard or position % num_slots == slot:
+                        yield entry
+                    continue
+                ordinal += 1
+                if not by_shard and (ordinal - 1) % num_slots != slot:
+                    continue
+                key, members = entry
+                seed = stable_seed("sample", self.seed, self.index, epoch, Path(shard).name, key)
+                yield tar_sample(shard, key, members, self.caption_processor, seed)
 
 
 def stage1_batches(
