@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import struct
+import threading
 import zlib
 
 import httpx
@@ -16,7 +17,7 @@ from PIL import Image
 
 from minigpt4.serve.config import ServeConfig
 
-from .conftest import data_url, image_message, running_server
+from .conftest import data_url, running_server
 
 KEY = "test-key-0123456789"
 MODEL = "minigpt4-tiny"
@@ -250,3 +251,47 @@ def test_still_answers_after_everything(http, photo):
                            "temperature": 0})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ---------------------------------------------------------------- remote images (operator opt-in)
+
+
+@pytest.fixture(scope="module")
+def image_host(photo):
+    """A loopback HTTP server with a small photo, an oversize PNG and nothing else."""
+    import http.server
+    import socketserver
+
+    buffer = io.BytesIO()
+    photo.resize((48, 32)).save(buffer, "PNG")
+    files = {"/cat.png": buffer.getvalue(), "/big.png": noise_png(160)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield f"http://127.0.0.1:{server.server_address[1]}", files
+        server.shutdown()
+
+
+def test_remote_images_when_enabled(serve_engine, image_host):
+    host, files = image_host
+    config = ServeConfig(model_name=MODEL, allow_remote_images=True, max_image_bytes=64 * 1024, batch_wait_ms=2)
+    with running_server(serve_engine, config) as url, httpx.Client(base_url=url, timeout=60) as http:
+        fetched = post(http, {**ask([image_part(f"{host}/cat.png")]), "temperature": 0})
+        inline = post(http, {**ask([image_part(b64_url(files["/cat.png"]))]), "temperature": 0})
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["choices"] == inline.json()["choices"]
+        expect_error(post(http, ask([image_part(f"{host}/big.png")])), 400, "max_image_bytes=65536")
+        expect_error(post(http, ask([image_part(f"{host}/missing.png")])), 400, "answered HTTP 404")
+        assert http.get("/health").status_code == 200

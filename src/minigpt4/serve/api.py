@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 # How often a waiting non-streamed request checks whether its client is still there.
 _DISCONNECT_POLL_S = 0.25
+# Requests whose images are decoded at the same time: each may hold max_images decoded images in
+# memory, so this bounds the server's peak memory under a flood of large images.
+_CONCURRENT_PREPARES = 4
 
 
 @dataclass
@@ -78,6 +81,7 @@ class ChatService:
         self.engine = engine
         self.config = config
         self.created = int(time.time())
+        self.preparing = asyncio.Semaphore(_CONCURRENT_PREPARES)
         self.scheduler = BatchScheduler(
             engine.generate,
             engine.stream,
@@ -279,35 +283,45 @@ class ChatService:
             return _sse(body.model_dump(exclude_none=False))
 
         async def events_out() -> AsyncIterator[str]:
-            try:
-                yield chunk(Delta(role="assistant", content=""))
-                while True:
-                    kind, value = await events.get()
-                    if kind == "delta":
-                        yield chunk(Delta(content=value))
-                        continue
-                    completion, error = value
-                    if error is not None or completion is None:
-                        yield _sse(_as_api_error(error or RuntimeError("the stream ended early")).body())
-                        return
-                    # The streamed pieces join to completion.text; the counts come from the generator.
-                    completion_tokens, finish = completion.completion_tokens, completion.finish_reason
-                    yield chunk(Delta(), finish)
-                    if prepared.include_usage:
-                        usage = Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=completion.prompt_tokens + completion_tokens)
-                        tail = ChatCompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage)
-                        yield _sse(tail.model_dump())
-                    yield "data: [DONE]\n\n"
+            yield chunk(Delta(role="assistant", content=""))
+            while True:
+                kind, value = await events.get()
+                if kind == "delta":
+                    yield chunk(Delta(content=value))
+                    continue
+                completion, error = value
+                if error is not None or completion is None:
+                    yield _sse(_as_api_error(error or RuntimeError("the stream ended early")).body())
                     return
-            finally:
-                # Normal end: a no-op. Client gone (this generator cancelled): frees the slot at once.
-                self.scheduler.cancel(job)
-
-        return StreamingResponse(
-            events_out(), media_type="text/event-stream",
+                # The streamed pieces join to completion.text; the counts come from the generator.
+                yield chunk(Delta(), completion.finish_reason)
+                if prepared.include_usage:
+                    usage = Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+                                  total_tokens=completion.prompt_tokens + completion.completion_tokens)
+                    tail = ChatCompletionChunk(id=ident, created=created, model=model, choices=[], usage=usage)
+                    yield _sse(tail.model_dump())
+                yield "data: [DONE]\n\n"
+                return
+        return _JobStream(
+            events_out(), on_close=lambda: self.scheduler.cancel(job), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that calls `on_close` however it ends, even if the client left before
+    the first event (then the event generator never starts, so its own cleanup would not run)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Normal end: a no-op. Client gone: the job leaves the queue, or its stream stops at the next token.
+            self._on_close()
 
 
 def _completion_id() -> str:
@@ -402,7 +416,8 @@ def create_app(engine: ModelEngine, config: ServeConfig) -> FastAPI:
         service.check_key(request)
         body = await service.read_body(request)
         parsed = await run_in_threadpool(service.parse, body)
-        prepared = await run_in_threadpool(service.prepare, parsed)
+        async with service.preparing:
+            prepared = await run_in_threadpool(service.prepare, parsed)
         if prepared.stream:
             return await service.stream(prepared)
         return await service.complete(request, prepared)
