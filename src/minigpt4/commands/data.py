@@ -65,7 +65,7 @@ def _make_shards(args: argparse.Namespace) -> int:
     print(f"wrote {writer.written} samples in {len(writer.shards)} shard(s) to {args.out}; {summarize_skips(skipped)}")
     if writer.shards:
         last = len(writer.shards) - 1
-        print(f"stage-1 source: {args.out}/{{{0:05d}..{last:05d}}}.tar")
+        print(f"stage-1 source: {args.out.resolve()}/{{{0:05d}..{last:05d}}}.tar")
     return 0 if writer.written else 1
 
 

@@ -172,6 +172,10 @@ class ShardSource:
         self.shuffle_buffer = shuffle_buffer
         self.caption_processor = caption_processor
         self.shards = expand_shards(spec)
+        remote = [path for path in self.shards if "://" in path or path.startswith("pipe:")]
+        if remote:
+            raise ValueError(f"data source {spec!r} names remote shards ({remote[0]}); only local files are read: "
+                             "copy or mount the shards and give their local path")
         if not self.shards:
             raise FileNotFoundError(f"data source {spec!r} names no shard; give a brace pattern, a folder or paths")
         present = [path for path in self.shards if Path(path).is_file()]
