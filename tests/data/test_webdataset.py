@@ -140,5 +140,7 @@ def test_bad_arguments_fail_early_naming_the_problem(tmp_path, transform):
         stage1_batches([(pattern, 0.0)], transform, 2, seed=0)
     with pytest.raises(ValueError, match="rank"):
         stage1_batches([(pattern, 1.0)], transform, 2, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="only local files"):
+        stage1_batches([("pipe:curl -s https://example.com/{0..2}.tar", 1.0)], transform, 2, seed=0)
     with pytest.raises(FileNotFoundError, match="none of the 3 shards"):
         stage1_batches([(f"{tmp_path}/nowhere/{{0..2}}.tar", 1.0)], transform, 2, seed=0)
