@@ -225,3 +225,35 @@ def test_disconnects_free_their_slots(small_queue_server):
     ok = httpx.post(f"{small_queue_server}/v1/chat/completions", timeout=60,
                     json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def read_stream(client: httpx.Client, body: dict) -> tuple[int, str]:
+    """A streamed request's status and its joined content."""
+    pieces = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                pieces.append(event["choices"][0]["delta"].get("content") or "")
+        return response.status_code, "".join(pieces)
+
+
+def test_streams_and_plain_requests_interleaved(cli_server):
+    """Streams (run one at a time) and batched plain requests at once: each gets its own answer."""
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"Story {i}: tell it."}],
+               "max_tokens": MAX_TOKENS, "temperature": 0} for i in range(24)]
+    with httpx.Client(base_url=cli_server, timeout=120) as client:
+        expected = [send(client, body)[1]["choices"][0]["message"]["content"] for body in bodies]
+
+    def one(index: int) -> tuple[int, str]:
+        with httpx.Client(base_url=cli_server, timeout=120) as client:
+            if index % 2:
+                return read_stream(client, bodies[index])
+            status, body, _ = send(client, bodies[index])
+            return status, body["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(len(bodies))))
+    assert [status for status, _ in answers] == [200] * len(bodies)
+    assert [text for _, text in answers] == expected

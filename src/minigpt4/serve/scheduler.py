@@ -111,7 +111,8 @@ class BatchScheduler:
 
     @property
     def healthy(self) -> bool:
-        return not self._closed and self._thread.is_alive()
+        """Open, and the worker is alive (or not started yet: jobs may queue before `start`)."""
+        return not self._closed and (self._thread.ident is None or self._thread.is_alive())
 
     def stats(self) -> dict[str, int]:
         with self._cond:

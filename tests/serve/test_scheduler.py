@@ -1,0 +1,85 @@
+"""The batching scheduler with the real tiny model: batching, answer routing, failure isolation."""
+
+from __future__ import annotations
+
+import threading
+
+from minigpt4.chat.generation import GenerationSettings
+from minigpt4.chat.templates import Message
+from minigpt4.serve.scheduler import BatchScheduler, Job
+
+GREEDY = GenerationSettings(max_new_tokens=6, do_sample=False)
+
+
+class Collector:
+    """on_done callbacks that record what each job got."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, tuple] = {}
+        self.done = threading.Event()
+        self.expected = 0
+
+    def callback(self, name: str):
+        def on_done(result, error) -> None:
+            self.results[name] = (result, error)
+            if len(self.results) == self.expected:
+                self.done.set()
+        return on_done
+
+
+def prompt(engine, text: str) -> str:
+    return engine.template.render([Message("user", text)], None)
+
+
+def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
+    texts = {name: f"Describe picture {name} please." for name in "abc"}
+    alone = {name: serve_engine.generate([prompt(serve_engine, t)], [[]], GREEDY)[0] for name, t in texts.items()}
+
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream, max_batch_size=8, max_wait_s=0.0)
+    collector = Collector()
+    jobs = [
+        Job(prompt(serve_engine, texts["a"]), [], GREEDY, collector.callback("a")),
+        # One <ImageHere> but no image: generate raises for any batch that holds this job.
+        Job(prompt(serve_engine, "x") + "<ImageHere>", [], GREEDY, collector.callback("bad")),
+        Job(prompt(serve_engine, texts["b"]), [], GREEDY, collector.callback("b"), n=2),
+        Job(prompt(serve_engine, texts["c"]), [], GREEDY, collector.callback("c")),
+    ]
+    collector.expected = len(jobs)
+    for job in jobs:  # queued before the worker starts, so the first batch takes them all
+        scheduler.submit(job)
+    scheduler.start()
+    try:
+        assert collector.done.wait(60)
+        bad_result, bad_error = collector.results["bad"]
+        assert bad_result is None and isinstance(bad_error, ValueError)
+        for name in "abc":
+            completions, error = collector.results[name]
+            assert error is None
+            assert len(completions) == (2 if name == "b" else 1)
+            for completion in completions:
+                assert completion.text == alone[name].text
+                assert completion.prompt_tokens == alone[name].prompt_tokens
+        # One failed batch of 5 rows, then each job alone (rows counted once per job).
+        assert scheduler.stats()["batches"] == 1
+    finally:
+        scheduler.close()
+
+
+def test_incompatible_settings_are_not_batched(serve_engine):
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream, max_batch_size=8, max_wait_s=0.0)
+    collector = Collector()
+    other = GenerationSettings(max_new_tokens=3, do_sample=False)
+    jobs = [Job(prompt(serve_engine, "one"), [], GREEDY, collector.callback("1")),
+            Job(prompt(serve_engine, "two"), [], other, collector.callback("2")),
+            Job(prompt(serve_engine, "three"), [], GREEDY, collector.callback("3"))]
+    collector.expected = len(jobs)
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.start()
+    try:
+        assert collector.done.wait(60)
+        assert all(error is None for _, error in collector.results.values())
+        assert collector.results["2"][0][0].completion_tokens <= 3
+        assert scheduler.stats()["batches"] == 2  # {one, three} together, {two} apart
+    finally:
+        scheduler.close()
