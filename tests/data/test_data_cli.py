@@ -9,7 +9,7 @@ import tarfile
 from minigpt4.cli import main
 from minigpt4.data.webdataset import stage1_batches
 
-from .conftest import PHOTOS, make_aligned, photo, synthetic, take
+from .conftest import PHOTOS, make_aligned, photo, synthetic
 
 
 def _photo_folder(folder):

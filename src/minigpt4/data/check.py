@@ -7,9 +7,8 @@ from pathlib import Path
 
 from minigpt4.data import SkippedSample
 from minigpt4.data.aligned import ANNOTATION_FILE, IMAGE_DIR, AlignedSource
-from minigpt4.data.pipeline import Candidate, image_problem
+from minigpt4.data.pipeline import Candidate, decode
 from minigpt4.data.webdataset import expand_shards, read_tar_groups, tar_sample
-from minigpt4.processing.image import ImageError, load_image
 from minigpt4.processing.text import process_caption
 
 
@@ -25,12 +24,9 @@ class CheckReport:
 
 
 def _decode(candidate: Candidate, report: CheckReport) -> None:
-    try:
-        load_image(candidate.image, name=f"{candidate.source} [{candidate.key}]")
-    except FileNotFoundError:
-        report.broken.append(SkippedSample(candidate.source, candidate.key, "missing image: file not found"))
-    except ImageError as err:
-        report.broken.append(SkippedSample(candidate.source, candidate.key, f"corrupt image: {image_problem(err)}"))
+    result = decode(candidate)
+    if isinstance(result, SkippedSample):
+        report.broken.append(result)
     else:
         report.ok += 1
 

@@ -89,9 +89,21 @@ def image_problem(err: ImageError) -> str:
     return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image data", f"{type(cause).__name__}: {cause}")
 
 
-def _log_skip(skip: SkippedSample, replaying: bool) -> None:
-    # While replaying for a resume, these were already reported by the run being resumed.
-    logger.log(logging.DEBUG if replaying else logging.WARNING, "skipped %s", skip)
+def decode(item: Candidate) -> Image.Image | SkippedSample:
+    """The candidate's image as RGB, or why it cannot be used."""
+    try:
+        return load_image(item.image, name=f"{item.source} [{item.key}]")
+    except FileNotFoundError:
+        return SkippedSample(item.source, item.key, "missing image: file not found")
+    except ImageError as err:
+        return SkippedSample(item.source, item.key, f"corrupt image: {image_problem(err)}")
+
+
+def _transformed(transform: ImageTransform, image: Image.Image, item: Candidate) -> torch.Tensor | SkippedSample:
+    try:
+        return seeded_transform(transform, image, item.seed)
+    except Exception as err:  # a transform failing on one odd image must not end the run
+        return SkippedSample(item.source, item.key, f"transform failed: {type(err).__name__}: {err}")
 
 
 def assemble_batches(
@@ -105,6 +117,8 @@ def assemble_batches(
     """Group candidates into batches of `batch_size`, skipping (and reporting) samples that fail to load.
 
     The first `replay` batches are assembled without transforming and not yielded (see the module doc).
+    Replay assumes the transform succeeds on every decodable image; one that fails is the only case where
+    a resumed stream can differ from the uninterrupted one.
     """
     images: list[torch.Tensor | None] = []
     texts: list[str] = []
@@ -113,35 +127,18 @@ def assemble_batches(
     made = 0
     for item in items:
         replaying = made < replay
-        if isinstance(item, SkippedSample):
-            _log_skip(item, replaying)
-            skipped.append(item)
-            continue
         if isinstance(item, PassEnd):
             images, texts, keys = [], [], []
             continue
-        try:
-            image = load_image(item.image, name=f"{item.source} [{item.key}]")
-        except FileNotFoundError:
-            skip = SkippedSample(item.source, item.key, "missing image: file not found")
-            _log_skip(skip, replaying)
-            skipped.append(skip)
+        result = item if isinstance(item, SkippedSample) else decode(item)
+        if isinstance(result, Image.Image) and not replaying:
+            result = _transformed(transform, result, item)
+        if isinstance(result, SkippedSample):
+            # While replaying for a resume, these were already reported by the run being resumed.
+            logger.log(logging.DEBUG if replaying else logging.WARNING, "skipped %s", result)
+            skipped.append(result)
             continue
-        except ImageError as err:
-            skip = SkippedSample(item.source, item.key, f"corrupt image: {image_problem(err)}")
-            _log_skip(skip, replaying)
-            skipped.append(skip)
-            continue
-        pixels = None
-        if not replaying:
-            try:
-                pixels = seeded_transform(transform, image, item.seed)
-            except Exception as err:  # a transform failing on one odd image must not end the run
-                skip = SkippedSample(item.source, item.key, f"transform failed: {type(err).__name__}: {err}")
-                _log_skip(skip, replaying)
-                skipped.append(skip)
-                continue
-        images.append(pixels)
+        images.append(None if replaying else result)
         texts.append(item.text)
         keys.append(item.key)
         if len(keys) < batch_size:
