@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, spec.name)
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help="(default: off)")
+            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default!r})")
+            parser.add_argument(flag, type=type(default), default=default,
+                                help=f"{spec.metadata['help']} (default: {default!r})")
     parser.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. llm.path=/models/vicuna-7b")
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 API_KEY_ENV = "MINIGPT4_API_KEY"
+
+
+def _opt(default: Any, text: str) -> Any:
+    """A field with its command-line help (`minigpt4 serve --help` lists every one)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -16,29 +22,29 @@ class ServeConfig:
     is decoded, prompt tokens and max_tokens before the request is queued.
     """
 
-    host: str = "127.0.0.1"  # loopback only unless the operator says otherwise
-    port: int = 8000
-    api_key: str = ""  # empty: no key required
-    model_name: str = "minigpt4"  # the id /v1/models lists and responses carry
-    template: str = "vicuna_v0"  # conversation template (minigpt4.chat.templates)
-    system_prompt: str = ""  # empty: the template's own default
-    # Remote http(s) image URLs make the server fetch arbitrary addresses (SSRF), so they are opt-in.
-    allow_remote_images: bool = False
-    remote_image_timeout_s: float = 10.0
+    host: str = _opt("127.0.0.1", "address to bind; loopback only unless you open it on purpose")
+    port: int = _opt(8000, "TCP port")
+    api_key: str = _opt("", "require 'Authorization: Bearer KEY' on /v1 (empty: no key)")
+    model_name: str = _opt("minigpt4", "the model id that /v1/models lists and requests must name")
+    template: str = _opt("vicuna_v0", "conversation template: vicuna_v0, llama2 or chat_template")
+    system_prompt: str = _opt("", "system text when a request has none (empty: the template's default)")
+    # Remote URLs make the server fetch any address it can reach (SSRF), so they are opt-in.
+    allow_remote_images: bool = _opt(False, "also fetch http(s) image URLs (off: only data: URLs)")
+    remote_image_timeout_s: float = _opt(10.0, "timeout for fetching a remote image")
 
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 25_000_000  # width * height, read from the header
-    max_images: int = 4  # per request
-    max_prompt_tokens: int = 1536  # including the image positions
-    max_context: int = 2000  # prompt + answer tokens (the original chat's max_length)
-    max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 300  # when the request does not say (the original demo's value)
-    max_n: int = 4  # choices per request (n), each one batch row
+    max_body_bytes: int = _opt(24 * 1024 * 1024, "largest request body")
+    max_image_bytes: int = _opt(10 * 1024 * 1024, "largest encoded image")
+    max_image_pixels: int = _opt(25_000_000, "largest width x height, read from the header before decoding")
+    max_images: int = _opt(4, "images per request")
+    max_prompt_tokens: int = _opt(1536, "prompt tokens per request, image positions included")
+    max_context: int = _opt(2000, "prompt + answer tokens (the original chat's max_length)")
+    max_tokens: int = _opt(1024, "the largest max_tokens a request may ask for")
+    default_max_tokens: int = _opt(300, "max_tokens when a request does not say (the original demo's value)")
+    max_n: int = _opt(4, "choices per request (n); each is one batch row")
 
-    max_batch_size: int = 8  # rows per model call
-    batch_wait_ms: float = 10.0  # how long the first request of a batch waits for company
-    max_queue: int = 64  # waiting requests; more are answered 429 with Retry-After
+    max_batch_size: int = _opt(8, "rows per model call")
+    batch_wait_ms: float = _opt(10.0, "how long the first request of a batch waits for company")
+    max_queue: int = _opt(64, "waiting requests; more are answered 429 with Retry-After")
 
     def check(self) -> None:
         """Fail early on settings that cannot work, naming the field."""
