@@ -21,13 +21,15 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from minigpt4.convert import CheckpointError, read_checkpoint
-from minigpt4.model.minigpt4 import MiniGPT4
+
+if TYPE_CHECKING:
+    from minigpt4.model.minigpt4 import MiniGPT4
 
 log = logging.getLogger(__name__)
 

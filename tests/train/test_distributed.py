@@ -1,0 +1,49 @@
+"""torchrun with 2 CPU processes (gloo) follows the same loss trajectory as one process with the same global batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minigpt4.config import train_config
+from minigpt4.train import checkpoint as ckpt
+from minigpt4.train.loop import train
+
+from .conftest import REPO, cli_command, cli_env, overrides, read_log
+
+STEPS = 6
+
+
+def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_path):
+    # One shard, no shuffle buffer: rank r reads samples r, r+2, ..., so the two ranks' batches of 4 together
+    # hold exactly the samples of the single process's batch of 8 (augmentations are seeded per sample).
+    data = [{"kind": "webdataset", "path": tiny_data.one_shard}]
+    common = ["data.shuffle_buffer=0", "train.epochs=1", f"train.iters_per_epoch={STEPS}", "train.save_every=3",
+              "train.tensorboard=false"]
+    one_dir, two_dir, accum_dir = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+
+    config = REPO / "configs" / "tiny_stage1.yaml"
+    train(train_config(config, overrides(tiny_llm_dir, one_dir, data, *common, "data.batch_size=8")))
+    command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, two_dir, data, *common, "data.batch_size=4"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
+    proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "process 1 of 2" not in proc.stderr  # rank 1 logs warnings only
+    # The same global batch as 4 x 2 micro-batches in one process (in this process: no start-up cost).
+    train(train_config(config, overrides(tiny_llm_dir, accum_dir, data, *common, "data.batch_size=4", "train.grad_accum=2")))
+
+    one, two, accum = read_log(one_dir), read_log(two_dir), read_log(accum_dir)
+    assert sorted(one) == sorted(two) == sorted(accum) == list(range(1, STEPS + 1))
+    losses = [one[s]["loss"] for s in sorted(one)]
+    assert len(set(losses)) == STEPS  # the steps really see different data
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+        assert accum[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+        assert two[step]["samples_per_s"] > 0
+    final = {d: ckpt.load_checkpoint(ckpt.checkpoint_path(d, STEPS)) for d in (one_dir, two_dir)}
+    assert len(final[two_dir]["rng"]) == 2  # both ranks' generator states, for an exact resume
+    for key, value in final[one_dir]["model"].items():
+        torch.testing.assert_close(final[two_dir]["model"][key], value, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,166 @@
+"""End-to-end training on the tiny model: stage 1 then stage 2, exact resume after SIGKILL, bad data."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt4.config import train_config
+from minigpt4.convert import load_projection
+from minigpt4.data.aligned import stage2_batches
+from minigpt4.data.prompts import load_prompts
+from minigpt4.model.build import build_model
+from minigpt4.processing.image import eval_transform
+from minigpt4.train import checkpoint as ckpt
+from minigpt4.train.loop import TrainingDiverged, train
+
+from .conftest import REPO, cli_command, cli_env, overrides, read_log, run_cli
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_stage1_then_stage2_from_its_checkpoint(tiny_llm_dir, tiny_data, tmp_path, caplog):
+    out1, out2 = tmp_path / "stage1", tmp_path / "stage2"
+    stage1 = run_cli("tiny_stage1.yaml", overrides(tiny_llm_dir, out1, [{"kind": "webdataset", "path": tiny_data.shards}]))
+    console = stage1.stdout + stage1.stderr
+    assert "tokens/s" in console and "samples/s" in console
+    assert "final loss" in stage1.stdout
+    log1 = read_log(out1)
+    losses1 = [log1[s]["loss"] for s in sorted(log1)]
+    assert len(losses1) == 20
+    assert mean(losses1[-5:]) < mean(losses1[:3]) - 0.1, losses1
+    assert all(r["tokens_per_s"] > 0 for r in log1.values())
+    assert (out1 / "tensorboard").is_dir() and any((out1 / "tensorboard").iterdir())
+    # keep_last 2, saved every 5 steps: 15 and 20 remain
+    assert [p.name for p in ckpt.list_checkpoints(out1)] == ["checkpoint_00000015.pth", "checkpoint_00000020.pth"]
+    stage1_ckpt = out1 / "checkpoint_00000020.pth"
+
+    with caplog.at_level(logging.INFO):
+        result2 = train(train_config(REPO / "configs" / "tiny_stage2.yaml", overrides(
+            tiny_llm_dir, out2, [{"kind": "aligned", "path": str(tiny_data.aligned)}],
+            f"model.weights.projection={stage1_ckpt}")))
+    assert any("tokens/s" in r.getMessage() for r in caplog.records)
+    assert result2.tokens_per_second > 0 and result2.checkpoint == out2 / "checkpoint_00000020.pth"
+    log2 = read_log(out2)
+    losses2 = [log2[s]["loss"] for s in sorted(log2)]
+    assert mean(losses2[-5:]) < mean(losses2[:3]), losses2
+    # Per-step losses are on different batches; on one fixed stage-2 batch, the stage-2 weights must beat
+    # the stage-1 weights they started from (stage 2 really started there: same frozen towers, same seed).
+    cfg = train_config(REPO / "configs" / "tiny_stage2.yaml", overrides(tiny_llm_dir, out2, []))
+    cfg.model.llm.path = str(tiny_llm_dir)
+    batch = next(stage2_batches(str(tiny_data.aligned), eval_transform(cfg.model.vision.image_size), 8, seed=7))
+    prompt = load_prompts(None, cfg.data.prompt_template)[0]
+
+    def fixed_batch_loss(weights: Path) -> float:
+        torch.manual_seed(cfg.train.seed)  # the towers the training runs built
+        model = build_model(cfg.model)
+        load_projection(model, weights)
+        with torch.no_grad():
+            return float(model.loss(batch["image"], batch["text"], prompt, cfg.data.end_sym, cfg.data.max_txt_len))
+
+    before, after = fixed_batch_loss(stage1_ckpt), fixed_batch_loss(out2 / "checkpoint_00000020.pth")
+    assert after < before - 0.02, (before, after)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_trajectory(tiny_llm_dir, tiny_data, tmp_path):
+    """SIGKILL a run after its step-4 checkpoint, resume it, and compare with a run that was never killed.
+
+    The Q-Former is trained too here, so dropout draws from the torch RNG that the checkpoint restores,
+    images are randomly cropped (augment on), and two datasets are mixed.
+    """
+    common = ["train.save_every=4", "train.keep_last=3", "train.iters_per_epoch=8", "train.tensorboard=false",
+              "model.qformer.trainable=true", "data.augment=true"]
+    data = [{"kind": "webdataset", "path": tiny_data.shards, "ratio": 2.0},  # two datasets mixed 2:1 by batch
+            {"kind": "webdataset", "path": tiny_data.one_shard, "ratio": 1.0}]
+    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
+
+    proc = subprocess.Popen(cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, killed_dir, data, *common)),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = ckpt.checkpoint_path(killed_dir, 4)
+    deadline = time.monotonic() + 180
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    done_before_kill = max(read_log(killed_dir))
+    assert 4 <= done_before_kill < 16, "the kill must land mid-run"
+    survivors = ckpt.list_checkpoints(killed_dir)
+    assert survivors and survivors[-1].name != "checkpoint_00000016.pth"
+
+    # Resume and the reference run in this process (one thread, like the killed one): same numbers, less start-up.
+    config = REPO / "configs" / "tiny_stage1.yaml"
+    resumed_result = train(train_config(config, overrides(tiny_llm_dir, killed_dir, data, *common, "train.resume=auto")))
+    whole_result = train(train_config(config, overrides(tiny_llm_dir, whole_dir, data, *common)))
+    assert resumed_result.losses == whole_result.losses[-len(resumed_result.losses):]
+    assert resumed_result.final_loss == whole_result.final_loss
+
+    resumed, whole = read_log(killed_dir), read_log(whole_dir)
+    assert sorted(resumed) == sorted(whole) == list(range(1, 17))
+    for step in whole:
+        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=1e-7), step
+    final_resumed = ckpt.load_checkpoint(ckpt.checkpoint_path(killed_dir, 16))["model"]
+    final_whole = ckpt.load_checkpoint(ckpt.checkpoint_path(whole_dir, 16))["model"]
+    assert final_resumed.keys() == final_whole.keys() and any(k.startswith("qformer.") for k in final_whole)
+    for key in final_whole:
+        torch.testing.assert_close(final_resumed[key], final_whole[key], rtol=1e-5, atol=1e-6)
+
+
+def _corrupt_shards(root: Path, tiny_data) -> str:
+    """Copy the two test shards, then break samples: a corrupt jpg, an empty caption, and a truncated tar."""
+    root.mkdir()
+    sources = sorted(Path(tiny_data.shards).parent.glob("*.tar"))
+    good, bad = root / "00000.tar", root / "00001.tar"
+    with tarfile.open(sources[0]) as src, tarfile.open(good, "w") as dst:
+        for member in src.getmembers():
+            payload = src.extractfile(member).read()
+            if member.name == "00003.jpg":
+                payload = b"\xff\xd8\xff\xe0 this is not a jpeg"
+            if member.name == "00005.json":
+                payload = b'{"caption": "   "}'
+            if member.name == "00005.txt":
+                payload = b""
+            member.size = len(payload)
+            dst.addfile(member, __import__("io").BytesIO(payload))
+    data = sources[1].read_bytes()
+    bad.write_bytes(data[: len(data) * 2 // 3])  # cut inside a member: the rest of the shard is gone
+    return str(root / "{00000..00001}.tar")
+
+
+def test_corrupt_images_and_a_truncated_tar_are_skipped_and_reported(tiny_llm_dir, tiny_data, tmp_path, caplog):
+    pattern = _corrupt_shards(tmp_path / "bad", tiny_data)
+    cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", overrides(
+        tiny_llm_dir, tmp_path / "out", [{"kind": "webdataset", "path": pattern}],
+        "train.epochs=1", "train.iters_per_epoch=8", "train.tensorboard=false"))
+    with caplog.at_level(logging.INFO):
+        result = train(cfg)
+    assert result.steps == 8 and result.final_loss == result.final_loss  # finished, finite
+    assert result.skipped >= 3  # at least one pass over both shards: the jpg, the caption, the tar
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert summary and f"skipped {result.skipped} bad samples" in summary[0]
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "00003" in warnings and "00005" in warnings and "00001.tar" in warnings
+    assert read_log(tmp_path / "out")[8]["skipped"] == result.skipped
+
+
+def test_a_non_finite_loss_stops_with_a_checkpoint(tiny_llm_dir, tiny_data, tmp_path):
+    cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", overrides(
+        tiny_llm_dir, tmp_path / "out", [{"kind": "webdataset", "path": tiny_data.shards}],
+        "train.lr=1e30", "train.warmup_steps=0", "train.tensorboard=false"))
+    with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf) at step (\d+) .*saved to (\S+)\.") as info:
+        train(cfg)
+    failed_step, saved = re.search(r"at step (\d+) .*saved to (\S+)\.", str(info.value)).groups()
+    assert Path(saved) == ckpt.latest_checkpoint(tmp_path / "out")
+    state = ckpt.load_checkpoint(saved)
+    assert state["step"] == int(failed_step) - 1  # the state the bad step started from (no update applied)
+    logged = read_log(tmp_path / "out")
+    assert max(logged) == int(failed_step) - 1  # nothing was logged or applied for the bad step
