@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("minigpt4.commands.train", "train the projection (stage 1 or 2) from a job YAML; works under torchrun"),
     "cache-features": ("minigpt4.commands.cache_features", "precompute frozen image features for faster training"),
     "serve": ("minigpt4.commands.serve", "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)"),
+    "chat": ("minigpt4.commands.chat", "ask about images from the terminal: one question, or an interactive session"),
+    "caption": ("minigpt4.commands.caption", "describe folders, image lists or webdataset shards in batches (JSONL)"),
+    "demo": ("minigpt4.commands.demo", "the Gradio web demo: upload an image and chat about it"),
 }
 
 

@@ -131,6 +131,7 @@ def test_wrong_types(http, body, field):
         (ask("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools is not supported"),
         (ask("hi", max_tokens=65), 400, "max_tokens=64"),
         (ask("word " * 400), 400, "max_prompt_tokens=200"),
+        (ask("y" * 200_000), 400, "takes at least"),  # refused without tokenizing 200 kB
         (ask("hi", n=9), 400, "max_n="),
         (ask("hi", n=2, stream=True), 400, "cannot be streamed"),
         ({"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}]}, 400, "start with a user message"),

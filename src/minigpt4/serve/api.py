@@ -181,11 +181,13 @@ class ChatService:
             prompt = self.engine.render(conversation)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        prompt_tokens = self.engine.count_tokens(prompt)
+        at_least = self.engine.min_tokens(prompt)
+        prompt_tokens = at_least if at_least > cfg.max_prompt_tokens else self.engine.count_tokens(prompt)
         if prompt_tokens > cfg.max_prompt_tokens:
             raise APIError(
-                400, f"the prompt takes {prompt_tokens} tokens (images included); the limit is "
-                f"max_prompt_tokens={cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded",
+                400, f"the prompt takes {'at least ' if prompt_tokens == at_least else ''}{prompt_tokens} tokens "
+                f"(images included); the limit is max_prompt_tokens={cfg.max_prompt_tokens}",
+                param="messages", code="context_length_exceeded",
             )
         if prompt_tokens + max_new > cfg.max_context:
             raise APIError(

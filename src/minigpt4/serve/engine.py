@@ -72,10 +72,16 @@ class ModelEngine:
         self.template = get_template(template, model.tokenizer)
         # Request threads tokenize while the worker generates: give them their own tokenizer.
         self._tokenizer = copy.deepcopy(model.tokenizer)
+        # No token covers more characters than the longest vocabulary piece; see `min_tokens`.
+        self._longest_piece = max(len(piece) for piece in self._tokenizer.get_vocab())
         self.transform = eval_transform(model.config.vision.image_size)
 
     def render(self, conversation: Conversation) -> str:
         return self.template.render(conversation.messages, conversation.system)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens `text` takes, without tokenizing it (rejects huge prompts cheaply)."""
+        return len(text) // (2 * self._longest_piece)  # 2x slack for normalisers that shorten text
 
     def count_tokens(self, prompt: str) -> int:
         """Prompt length in LLM positions: BOS, text tokens and every image's query tokens."""
