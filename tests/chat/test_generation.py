@@ -8,6 +8,7 @@ import torch
 from minigpt4.chat.generation import GenerationSettings, generate, stream
 from minigpt4.chat.templates import Message, get_template
 from minigpt4.processing.prompt import layout_sample
+from minigpt4.testing import make_bigram
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=8)
 # Four prompts whose last tokens start chains that reach "###" after 1, 2, 4 and 3 tokens, each
@@ -27,7 +28,7 @@ CHAINS = [
 
 
 @pytest.fixture
-def bigram_model(tiny_model, make_bigram):
+def bigram_model(tiny_model):
     vocab = tiny_model.tokenizer.get_vocab()
     successor = {}
     for chain in CHAINS:

@@ -1,0 +1,44 @@
+"""`minigpt4 demo`: the Gradio web demo on 127.0.0.1:7860 (a public share link only with --share)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from minigpt4.commands.model_options import (
+    add_generation_arguments,
+    add_model_arguments,
+    generation_settings,
+    load_model,
+    split_overrides,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. llm.path=/models/vicuna-7b")
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    overrides, rest = split_overrides(args.overrides)
+    if rest:
+        print(f"error: expected section.key=value overrides, got {' '.join(rest)}", file=sys.stderr)
+        return 2
+    try:
+        settings = generation_settings(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from minigpt4.serve.gradio_app import build_demo, launch
+
+    model = load_model(args, overrides)  # once, before the page is served
+    demo = build_demo(model, settings, template=args.template, system=args.system)
+    print(f"demo on http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""), flush=True)
+    launch(demo, host=args.host, port=args.port, share=args.share)
+    return 0

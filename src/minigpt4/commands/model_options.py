@@ -1,0 +1,94 @@
+"""Options shared by the commands that load a model and generate (`chat`, `caption`, `demo`).
+
+The model comes from a preset, a model YAML and `key=value` overrides, as for `minigpt4 loss`,
+or from a `--checkpoint` folder written by `MiniGPT4.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from minigpt4.chat.generation import GenerationSettings
+from minigpt4.chat.templates import TEMPLATE_NAMES
+
+# `section.key=value`: how an override differs from a question or a path among positional arguments.
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--preset", default="tiny", help="model preset: tiny, embedded, minigpt4-7b, minigpt4-13b")
+    group.add_argument("--config", type=Path, help="a model YAML file (applied over the preset)")
+    group.add_argument("--checkpoint", type=Path, help="a folder written by save_pretrained (replaces preset weights)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
+    """Decoding flags; `greedy_default` makes greedy the default (with `--sample` to turn sampling on)."""
+    defaults = GenerationSettings()
+    group = parser.add_argument_group("generation")
+    if greedy_default:
+        group.add_argument("--sample", dest="greedy", action="store_false", help="sample instead of greedy decoding")
+    else:
+        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    group.set_defaults(greedy=greedy_default)
+    group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=defaults.temperature)
+    group.add_argument("--top-p", type=float, default=defaults.top_p)
+    group.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    group.add_argument("--num-beams", type=int, default=defaults.num_beams)
+    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    group.add_argument("--max-context", type=int, default=defaults.max_context, help="prompt + answer tokens")
+    group.add_argument("--stop", action="append", default=[], help="an extra stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None, help="seed sampling for reproducible answers")
+    group.add_argument("--template", default="vicuna_v0", choices=TEMPLATE_NAMES, help="conversation format")
+    group.add_argument("--system", default=None, help="system text ('' for none; default: the template's)")
+
+
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        stop=list(args.stop),
+        seed=args.seed,
+        max_context=args.max_context,
+    )
+
+
+def split_overrides(items: list[str], keep: Callable[[str], bool] = lambda item: False) -> tuple[list[str], list[str]]:
+    """Positional arguments -> (overrides like `llm.path=/x`, the rest); `keep(item)` forces "the rest"."""
+    overrides = [item for item in items if OVERRIDE.match(item) and not keep(item)]
+    return overrides, [item for item in items if item not in overrides]
+
+
+def load_model(args: argparse.Namespace, overrides: list[str]):
+    """Build the model the options describe, reporting progress on stderr."""
+    import torch
+
+    from minigpt4.config import model_config
+    from minigpt4.model.build import build_model
+
+    start = time.perf_counter()
+    cfg = model_config(args.preset, args.config, overrides)
+    if args.checkpoint is not None:
+        cfg.weights.pretrained = str(args.checkpoint)
+    elif not cfg.llm.path and args.preset == "tiny":
+        from minigpt4.testing import build_tiny_llm
+
+        cfg.llm.path = str(build_tiny_llm(Path.home() / ".cache" / "minigpt4" / "tiny-llm"))
+    source = args.checkpoint or f"preset {args.preset}" + (f" + {args.config}" if args.config else "")
+    print(f"loading model from {source} ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)  # towers without weight files (tiny preset) come out the same every run
+    model = build_model(cfg)
+    print(f"model ready in {time.perf_counter() - start:.1f} s (LLM {model.config.llm.path}, device {model.device})",
+          file=sys.stderr, flush=True)
+    return model

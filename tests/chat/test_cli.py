@@ -1,0 +1,104 @@
+"""`minigpt4 chat` and `minigpt4 caption` on the tiny model, through the real entry point."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from minigpt4.chat import Chat
+from minigpt4.cli import main
+from minigpt4.processing.image import eval_transform
+
+
+@pytest.fixture
+def cat_file(photo, tmp_path):
+    path = tmp_path / "cat.jpg"
+    photo.save(path)
+    return path
+
+
+def _expected_answer(tiny_model, photo, question: str, max_new_tokens: int) -> str:
+    chat = Chat(tiny_model, eval_transform(tiny_model.config.vision.image_size))
+    chat.upload(photo.copy())
+    chat.ask(question)
+    return chat.answer(do_sample=False, max_new_tokens=max_new_tokens)
+
+
+def test_chat_answers_once(tiny_llm_dir, tiny_model, photo, cat_file, capsys):
+    rc = main(["chat", "--image", str(cat_file), "--greedy", "--max-new-tokens", "6",
+               "What is in this picture?", f"llm.path={tiny_llm_dir}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    from PIL import Image
+
+    expected = _expected_answer(tiny_model, Image.open(cat_file), "What is in this picture?", 6)
+    assert out.rstrip("\n").splitlines()[-1] == expected
+
+
+def test_chat_interactive_session(tiny_llm_dir, cat_file, monkeypatch, capsys):
+    lines = [f"/image {cat_file}", "What is in this picture?", "/image /nonexistent/x.png", "/bogus", "/reset", "/quit"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    rc = main(["chat", "--greedy", "--max-new-tokens", "4", f"llm.path={tiny_llm_dir}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"(image {cat_file} added)" in out
+    assert "minigpt4> " in out
+    assert "error:" in out and "x.png" in out
+    assert "unknown command /bogus" in out
+    assert "(new conversation)" in out
+
+
+def test_chat_rejects_bad_settings_and_files(tiny_llm_dir, tmp_path, capsys):
+    assert main(["chat", "--top-p", "3", "hi", f"llm.path={tiny_llm_dir}"]) == 2
+    assert "GenerationSettings.top_p=3.0" in capsys.readouterr().err
+    assert main(["chat", "--image", str(tmp_path / "nope.png"), "hi", f"llm.path={tiny_llm_dir}"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def _shard(path, photo, keys):
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG")
+    with tarfile.open(path, "w") as tar:
+        for key in keys:
+            for ext, data in (("jpg", buffer.getvalue()), ("txt", b"a cat")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_caption_folder_and_shards_resumable(tiny_llm_dir, photo, tmp_path, capsys):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    photo.save(folder / "a.png")
+    photo.rotate(90).save(folder / "sub" / "b.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    shard = tmp_path / "shard-000.tar"
+    _shard(shard, photo, ["000001", "000002"])
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", "-o", str(out), "--batch-size", "2", "--max-new-tokens", "4",
+            str(folder), str(shard), f"llm.path={tiny_llm_dir}"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["key"] for r in records] == ["a.png", "sub/b.jpg", "000001", "000002"]
+    assert all(set(r) == {"key", "source", "caption", "finish_reason"} for r in records)
+    assert records[2]["source"] == str(shard)
+    assert "4 captioned, 0 already done, 1 skipped" in err and "broken.png" in err
+
+    # Greedy captions are deterministic and don't depend on the batch: rerunning only the missing keys
+    # (one record lost, as after a crash) gives back the same record.
+    out.write_text("\n".join(json.dumps(r) for r in records[:3]) + "\n")
+    assert main(args) == 0
+    assert "1 captioned, 3 already done" in capsys.readouterr().err
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+@pytest.mark.parametrize("command", ["chat", "caption", "demo"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--preset" in capsys.readouterr().out
