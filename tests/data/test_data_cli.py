@@ -112,4 +112,6 @@ def test_check_lists_what_is_broken_and_fails(tmp_path, capsys):
     assert f"{shards}/00001.tar [000011]: truncated tar" in printed
     assert f"BROKEN {shards} (shards): 4 good samples, 1 broken" in printed
     assert f"BROKEN {tmp_path}/absent: missing shard" in printed
+    assert main(["data", "check", "--workers", "2", str(shards)]) == 1  # same report from worker processes
+    assert f"BROKEN {shards}/00001.tar [000011]: truncated tar" in capsys.readouterr().out
     assert main(["data", "check", str(make_aligned(tmp_path / "good", 3))]) == 0

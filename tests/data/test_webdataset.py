@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minigpt4.data import SkippedSample, summarize_skips
-from minigpt4.data.webdataset import read_tar_groups, stage1_batches
+from minigpt4.data.webdataset import expand_shards, read_tar_groups, sample_caption, stage1_batches
 from minigpt4.processing.image import train_transform
 
 from .conftest import encode, good_sample, make_dataset, photo, same_batches, synthetic, take, write_shard
@@ -144,3 +144,15 @@ def test_bad_arguments_fail_early_naming_the_problem(tmp_path, transform):
         stage1_batches([("pipe:curl -s https://example.com/{0..2}.tar", 1.0)], transform, 2, seed=0)
     with pytest.raises(FileNotFoundError, match="none of the 3 shards"):
         stage1_batches([(f"{tmp_path}/nowhere/{{0..2}}.tar", 1.0)], transform, 2, seed=0)
+
+
+def test_shard_specs_and_caption_choice(tmp_path):
+    for name in ("00000.tar", "00001.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_shards(str(tmp_path)) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    assert expand_shards("/a/{0..1}.tar::/b/x.tar") == ["/a/0.tar", "/a/1.tar", "/b/x.tar"]
+    # .json "caption" first (what the original reads), then .txt
+    assert sample_caption({"json": b'{"caption": "from json"}', "txt": b"from txt"}) == "from json"
+    assert sample_caption({"json": b'{"caption": null, "url": "u"}', "txt": b"from txt"}) == "from txt"
+    assert sample_caption({"jpg": b""}) is None
+    assert isinstance(sample_caption({"json": b"{broken"}), SkippedSample)

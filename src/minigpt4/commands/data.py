@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            description="Each PATH is a cc_sbu_align folder (holding filter_cap.json), a shard "
                            "folder, a .tar file or a brace pattern such as '/d/{00000..00009}.tar' (quote it).")
     check.add_argument("paths", nargs="+", help="what to check")
+    check.add_argument("--workers", type=int, default=1, help="processes reading shards in parallel (default 1)")
     check.add_argument("--max-listed", type=int, default=50, help="broken samples listed per path (default 50)")
 
 
@@ -75,7 +76,7 @@ def _check(args: argparse.Namespace) -> int:
 
     broken_total = 0
     for path in args.paths:
-        report = check_path(path)
+        report = check_path(path, workers=args.workers, progress=True)
         for skip in report.broken[: args.max_listed]:
             print(f"BROKEN {skip}")
         if len(report.broken) > args.max_listed:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from minigpt4.data import SkippedSample
 from minigpt4.data.aligned import ANNOTATION_FILE, IMAGE_DIR, AlignedSource
-from minigpt4.data.pipeline import Candidate, decode
+from minigpt4.data.pipeline import decode
 from minigpt4.data.webdataset import expand_shards, read_tar_groups, tar_sample
 from minigpt4.processing.text import process_caption
 
@@ -23,38 +28,48 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)  # oddities that are not errors
 
 
-def _decode(candidate: Candidate, report: CheckReport) -> None:
-    result = decode(candidate)
-    if isinstance(result, SkippedSample):
-        report.broken.append(result)
-    else:
-        report.ok += 1
+def check_shard(shard: str) -> tuple[int, list[SkippedSample], int]:
+    """(good samples, broken ones, keys repeated inside the shard) for one shard."""
+    good, broken, seen, repeated = 0, [], set(), 0
+    for entry in read_tar_groups(shard):
+        if isinstance(entry, SkippedSample):
+            broken.append(entry)
+            continue
+        key, members = entry
+        # Members of a sample must be consecutive; a key seen again means a split sample.
+        repeated += key in seen
+        seen.add(key)
+        item = tar_sample(shard, key, members, process_caption, seed=0)
+        result = item if isinstance(item, SkippedSample) else decode(item)
+        if isinstance(result, SkippedSample):
+            broken.append(result)
+        else:
+            good += 1
+    return good, broken, repeated
 
 
-def check_shards(spec: str) -> CheckReport:
-    """Every sample of every shard of `spec` (brace pattern, `::` list, folder or one .tar)."""
+def check_shards(spec: str, workers: int = 1, progress: bool = False) -> CheckReport:
+    """Every sample of every shard of `spec` (brace pattern, `::` list, folder or one .tar), on `workers` processes."""
     report = CheckReport(spec, "shards")
     shards = expand_shards(spec)
     if not shards:
         report.broken.append(SkippedSample(spec, "", "no shard: the path names no .tar file"))
-    keys: set[str] = set()
-    duplicates = 0
-    for shard in shards:
-        for entry in read_tar_groups(shard):
-            if isinstance(entry, SkippedSample):
-                report.broken.append(entry)
-                continue
-            key, members = entry
-            duplicates += key in keys
-            keys.add(key)
-            item = tar_sample(shard, key, members, process_caption, seed=0)
-            if isinstance(item, SkippedSample):
-                report.broken.append(item)
-            else:
-                _decode(item, report)
+    repeated = 0
+    with ExitStack() as stack:
+        results = map(check_shard, shards)
+        if workers > 1 and len(shards) > 1:
+            # fork: the children only read tars and decode with PIL, and re-importing torch per child is slow.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = stack.enter_context(multiprocessing.get_context(method).Pool(workers))
+            results = pool.imap(check_shard, shards)  # imap keeps shard order, so the report is stable
+        for good, broken, shard_repeated in tqdm(results, total=len(shards), desc=f"check {spec}", unit="shard",
+                                                 disable=not progress, file=sys.stderr):
+            report.ok += good
+            report.broken.extend(broken)
+            repeated += shard_repeated
     report.notes.append(f"{len(shards)} shard(s)")
-    if duplicates:
-        report.notes.append(f"{duplicates} key(s) appear more than once")
+    if repeated:
+        report.notes.append(f"{repeated} key(s) appear twice in one shard, apart (members of a sample must be adjacent)")
     return report
 
 
@@ -68,10 +83,11 @@ def check_aligned(root: str | Path) -> CheckReport:
         return report
     for index in range(len(source.annotations)):
         item = source.annotation_item(index, epoch=0)
-        if isinstance(item, SkippedSample):
-            report.broken.append(item)
+        result = item if isinstance(item, SkippedSample) else decode(item)
+        if isinstance(result, SkippedSample):
+            report.broken.append(result)
         else:
-            _decode(item, report)
+            report.ok += 1
     listed = {image_id for image_id, _ in source.annotations}
     unlisted = [p for p in (Path(root) / IMAGE_DIR).glob("*.jpg") if p.stem not in listed]
     report.notes.append(f"{len(source.annotations)} annotation(s)")
@@ -80,8 +96,8 @@ def check_aligned(root: str | Path) -> CheckReport:
     return report
 
 
-def check_path(path: str) -> CheckReport:
+def check_path(path: str, workers: int = 1, progress: bool = False) -> CheckReport:
     """An aligned folder (it holds filter_cap.json) or shards (anything else)."""
     if (Path(path) / ANNOTATION_FILE).is_file():
         return check_aligned(path)
-    return check_shards(path)
+    return check_shards(path, workers, progress)
