@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("minigpt4.commands.data", "make webdataset shards from images + captions; check shards or aligned folders"),
     "train": ("minigpt4.commands.train", "train the projection (stage 1 or 2) from a job YAML; works under torchrun"),
     "cache-features": ("minigpt4.commands.cache_features", "precompute frozen image features for faster training"),
+    "quickstart": ("minigpt4.commands.quickstart", "train the embedded CPU model on generated data, evaluate and chat (offline)"),
     "serve": ("minigpt4.commands.serve", "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)"),
     "chat": ("minigpt4.commands.chat", "ask about images from the terminal: one question, or an interactive session"),
     "caption": ("minigpt4.commands.caption", "describe folders, image lists or webdataset shards in batches (JSONL)"),

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from minigpt4.data.synthetic import COLOURS, PLURALS, SHAPES
+from minigpt4.chat.generation import GenerationSettings, generate
 from minigpt4.processing.image import eval_transform, load_image
-from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, collate_layouts, layout_sample, pad_token_id
+from minigpt4.processing.prompt import IMAGE_PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,17 @@ class ShapeScore:
         )
 
 
-@torch.no_grad()
 def describe(
     model, images: torch.Tensor, prompt: str = IMAGE_PLACEHOLDER, max_new_tokens: int = 16
 ) -> list[str]:
-    """Greedy descriptions of a batch of (B, 3, H, W) images, laid out exactly as in training.
+    """Greedy descriptions of a batch of (B, 3, H, W) images, through the chat engine's batched `generate`.
 
-    `prompt` holds one `<ImageHere>`; the text is cut at the first newline or "###" (the stage-1 and
-    stage-2 end symbols).
+    `prompt` holds one `<ImageHere>` and is laid out exactly as in training; text stops at the first
+    newline or "###" (the stage-1 and stage-2 end symbols).
     """
-    tokenizer = model.tokenizer
-    layouts = [layout_sample(tokenizer, prompt, model.num_image_tokens) for _ in range(images.shape[0])]
-    batch = collate_layouts(layouts, pad_token_id(tokenizer), padding_side="left").to(model.device)
-    embeds = model.embed(batch, model.encode_images(images))
-    output = model.llm.generate(
-        inputs_embeds=embeds,
-        attention_mask=batch.attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_token_id(tokenizer),
-        use_cache=True,
-    )
-    texts = tokenizer.batch_decode(output, skip_special_tokens=True)
-    return [re.split(r"\n|###", t.strip(), maxsplit=1)[0].strip() for t in texts]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False, stop=["\n", "###"])
+    completions = generate(model, [prompt] * images.shape[0], [[image] for image in images], settings)
+    return [c.text.strip() for c in completions]
 
 
 def evaluate_heldout(

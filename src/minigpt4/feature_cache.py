@@ -56,7 +56,7 @@ def fingerprint(model, transform: ImageTransform) -> str:
     for prefix, module in modules.items():
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(transform).encode())
     return digest.hexdigest()
 
