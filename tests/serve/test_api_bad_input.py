@@ -115,6 +115,7 @@ def test_empty_body(http):
         (ask("hi", stop=[1, 2]), "stop.0"),
         (ask("hi", n=0), "n"),
         (ask("hi", temperature=3.5), "temperature"),
+        (ask("hi", seed=10**23), "seed"),
         ([1, 2, 3], "body"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
     ],
@@ -142,6 +143,35 @@ def test_wrong_types(http, body, field):
 )
 def test_requests_beyond_limits(http, body, status, phrase):
     expect_error(post(http, body), status, phrase)
+
+
+def test_mutated_requests_never_5xx(http):
+    """120 seeded random mutations of a valid request (values swapped for odd types, keys dropped):
+    every answer is a 200 or a 4xx, never a server error."""
+    rng = np.random.default_rng(7)
+    odd = [None, True, -1, 0, 2**70, -(2**70), 1e308, -0.0, "", "x" * 300, "\u0000\ufffd\U0001F600", [], [None], {},
+           {"type": "text"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, 3.5, "###", [1, "a"]]
+    base = {**ask([{"type": "text", "text": "hi"}]), "temperature": 0.7, "top_p": 0.5, "stop": ["###"], "seed": 3, "n": 1}
+    statuses = []
+    for _ in range(120):
+        body = json.loads(json.dumps(base))
+        for _ in range(int(rng.integers(1, 4))):
+            key = list(body)[int(rng.integers(len(body)))]
+            where = rng.integers(3)
+            if where == 0:
+                body.pop(key)
+            elif where == 1 or key != "messages":
+                body[key] = odd[int(rng.integers(len(odd)))]
+            else:
+                message = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+                field, value = ["role", "content"][int(rng.integers(2))], odd[int(rng.integers(len(odd)))]
+                body["messages"] = [{**message, field: value}]
+        response = post(http, body)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            assert response.json()["error"]["message"]
+    assert any(400 <= s < 500 for s in statuses) and 200 in statuses
 
 
 # ---------------------------------------------------------------- images

@@ -61,7 +61,7 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.manual_seed accepts
     user: str | None = None
     # Refused unless left at their neutral values; see `unsupported`.
     presence_penalty: float | None = None
