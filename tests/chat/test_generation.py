@@ -121,3 +121,16 @@ def test_context_budget_and_input_errors(tiny_model, pixels):
         GenerationSettings(top_p=1.5)
     with pytest.raises(TypeError, match="unknown generation setting"):
         GREEDY.replace(beams=2)
+
+
+def test_closing_a_stream_stops_generation(bigram_model, pixels):
+    calls = []
+    hook = bigram_model.llm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        pieces = stream(bigram_model, PROMPTS[0], [pixels], GREEDY.replace(max_new_tokens=500))  # "### in in in ..."
+        first = next(pieces)
+        pieces.close()  # a client went away
+    finally:
+        hook.remove()
+    assert first == "###"
+    assert len(calls) < 50  # the generation thread stopped soon after, not at 500 tokens

@@ -99,3 +99,16 @@ def test_long_conversation_keeps_the_image(tiny_model, photo):
     assert embeds.shape[0] == 1 and prompt.count("<ImageHere>") == 1
     assert prompt.startswith(DEFAULT_SYSTEM + "###Human: <Img><ImageHere></Img> " + QUESTION)
     assert prompt.count("###Human:") < 8
+
+
+def test_closing_a_chat_stream_keeps_the_shown_part(tiny_model, photo):
+    chat = Chat(tiny_model, eval_transform(tiny_model.config.vision.image_size))
+    chat.upload(photo)
+    chat.ask(QUESTION)
+    pieces = chat.stream(do_sample=False, max_new_tokens=40, stop=[])
+    shown = next(pieces)
+    pieces.close()
+    assert [m.role for m in chat.messages] == ["user", "assistant"]
+    assert chat.messages[-1].text == shown.strip()
+    chat.ask("Next?")  # the conversation goes on normally
+    assert chat.prompt().endswith("###Human: Next?###Assistant:")

@@ -138,18 +138,31 @@ class Chat:
         return completion.text
 
     def stream(self, **generation) -> Iterator[str]:
-        """Like `answer`, yielding the answer in pieces; the conversation gets the answer when it ends."""
+        """Like `answer`, yielding the answer in pieces; the conversation gets the answer when it ends.
+
+        Closing the iterator early stops generation and keeps the part shown so far as the answer.
+        """
         settings = self._settings(generation)
         prompt, embeds = self._fitted(settings)
-        yield from stream_from_embeds(
-            self.model,
-            prompt,
-            embeds,
-            settings,
-            template_stops=self.template.stop,
-            add_bos=self.template.add_bos,
-            on_finish=self._record,
-        )
+        shown: list[str] = []
+        finished: list[Completion] = []
+        try:
+            for piece in stream_from_embeds(
+                self.model,
+                prompt,
+                embeds,
+                settings,
+                template_stops=self.template.stop,
+                add_bos=self.template.add_bos,
+                on_finish=finished.append,
+            ):
+                shown.append(piece)
+                yield piece
+        finally:
+            if finished:
+                self._record(finished[0])
+            else:
+                self.messages.append(Message("assistant", "".join(shown).strip()))
 
     def _record(self, completion: Completion) -> None:
         self.last_completion = completion
