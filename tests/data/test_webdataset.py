@@ -155,4 +155,5 @@ def test_shard_specs_and_caption_choice(tmp_path):
     assert sample_caption({"json": b'{"caption": "from json"}', "txt": b"from txt"}) == "from json"
     assert sample_caption({"json": b'{"caption": null, "url": "u"}', "txt": b"from txt"}) == "from txt"
     assert sample_caption({"jpg": b""}) is None
-    assert isinstance(sample_caption({"json": b"{broken"}), SkippedSample)
+    with pytest.raises(ValueError, match="bad json"):
+        sample_caption({"json": b"{broken"})

@@ -19,6 +19,7 @@ from minigpt4.data.webdataset import IMAGE_EXTENSIONS, read_tar_groups, sample_c
 from minigpt4.processing.image import ImageError, load_image
 
 JPEG_QUALITY = 95  # what img2dataset writes
+KEPT_METADATA = ("url", "original_width", "original_height")  # from an img2dataset .json, when re-sharding
 
 
 @dataclass
@@ -176,24 +177,20 @@ def samples_from_img2dataset(folder: str | Path) -> Iterator[SourceSample | Skip
             sidecar = image_path.with_suffix(f".{ext}")
             if sidecar.is_file():
                 members[ext] = sidecar.read_bytes()
-        sample = _from_members(str(image_path), image_path.stem, members)
-        yield sample
+        yield _from_members(str(image_path), image_path.stem, members)
 
 
 def _from_members(origin: str, key: str, members: dict[str, bytes]) -> SourceSample | SkippedSample:
     image_ext = next((ext for ext in ("img", *IMAGE_EXTENSIONS) if ext in members), None)
     if image_ext is None:
         return SkippedSample(origin, key, f"no image: no member .{'/.'.join(IMAGE_EXTENSIONS)}")
-    caption = sample_caption(members)
-    if isinstance(caption, SkippedSample):
-        return SkippedSample(origin, key, caption.reason)
-    meta: dict = {}
-    if "json" in members:
-        try:
-            loaded = json.loads(members["json"])
-            meta = {k: v for k, v in loaded.items() if k in ("url", "original_width", "original_height")}
-        except (ValueError, AttributeError):
-            meta = {}
+    try:
+        caption = sample_caption(members)
+    except ValueError as err:
+        return SkippedSample(origin, key, str(err))
+    # sample_caption already parsed the .json; keep the fields that still describe the re-written sample.
+    loaded = json.loads(members["json"]) if "json" in members else {}
+    meta = {k: v for k, v in loaded.items() if k in KEPT_METADATA} if isinstance(loaded, dict) else {}
     return SourceSample(origin, key, members[image_ext], caption, meta)
 
 

@@ -91,11 +91,11 @@ def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skippe
                     key, members = member_key, {}
                 handle = archive.extractfile(info)
                 members[ext] = handle.read() if handle is not None else b""
-            end_block = _read_block(path, archive.offset)
+            complete = _ends_with_end_block(path, archive.offset)
         except (tarfile.TarError, OSError, EOFError) as err:
             yield SkippedSample(path, key or "", f"truncated tar: {err} (rest of the shard skipped)")
             return
-    if end_block is None:
+    if not complete:
         # tarfile stops quietly at a cut-off or garbled header; a sound tar ends with a zero block there.
         yield SkippedSample(path, key or "", f"truncated tar: no end-of-archive block after byte {archive.offset} "
                                             "(the last sample and the rest of the shard are skipped)")
@@ -104,28 +104,32 @@ def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skippe
         yield key, members
 
 
-def _read_block(path: str, offset: int) -> bytes | None:
-    """The 512-byte block at `offset` if it is an end-of-archive (all-zero) block, else None."""
+def _ends_with_end_block(path: str, offset: int) -> bool:
+    """Whether the 512-byte block at `offset` is a whole end-of-archive (all-zero) block."""
     with open(path, "rb") as handle:
         handle.seek(offset)
         block = handle.read(tarfile.BLOCKSIZE)
-    return block if len(block) == tarfile.BLOCKSIZE and not any(block) else None
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
 
 
-def sample_caption(members: dict[str, bytes]) -> str | None | SkippedSample:
-    """The caption: `.json`'s "caption" (what the original reads), else the `.txt`. None when neither exists."""
+def sample_caption(members: dict[str, bytes]) -> str | None:
+    """The caption: `.json`'s "caption" (what the original reads), else the `.txt`. None when neither exists.
+
+    Raises:
+        ValueError: "bad json: ..." / "bad txt: ..." when the member cannot be decoded.
+    """
     if "json" in members:
         try:
             meta = json.loads(members["json"].decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return SkippedSample("", "", f"bad json: {err}")
+            raise ValueError(f"bad json: {err}") from err
         if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
             return meta["caption"]
     if "txt" in members:
         try:
             return members["txt"].decode("utf-8")
         except UnicodeDecodeError as err:
-            return SkippedSample("", "", f"bad txt: {err}")
+            raise ValueError(f"bad txt: {err}") from err
     return None
 
 
@@ -136,9 +140,10 @@ def tar_sample(
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     if image_ext is None:
         return SkippedSample(shard, key, f"no image: no member .{'/.'.join(IMAGE_EXTENSIONS)}")
-    caption = sample_caption(members)
-    if isinstance(caption, SkippedSample):
-        return SkippedSample(shard, key, caption.reason)
+    try:
+        caption = sample_caption(members)
+    except ValueError as err:
+        return SkippedSample(shard, key, str(err))
     if caption is None:
         return SkippedSample(shard, key, "no caption: neither .json 'caption' nor .txt")
     text = caption_processor(caption) if caption_processor else caption.strip()
