@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) follows the same loss trajectory as one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo; DDP and FSDP) follows the same loss trajectory as one process with the same
+global batch, and so does one process with gradient accumulation."""
 
 from __future__ import annotations
 
@@ -23,27 +24,32 @@ def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_p
     data = [{"kind": "webdataset", "path": tiny_data.one_shard}]
     common = ["data.shuffle_buffer=0", "train.epochs=1", f"train.iters_per_epoch={STEPS}", "train.save_every=3",
               "train.tensorboard=false"]
-    one_dir, two_dir, accum_dir = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+    one_dir, two_dir, fsdp_dir, accum_dir = tmp_path / "one", tmp_path / "two", tmp_path / "fsdp", tmp_path / "accum"
 
     config = REPO / "configs" / "tiny_stage1.yaml"
     train(train_config(config, overrides(tiny_llm_dir, one_dir, data, *common, "data.batch_size=8")))
-    command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, two_dir, data, *common, "data.batch_size=4"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
-    proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "process 1 of 2" not in proc.stderr  # rank 1 logs warnings only
+    for output_dir, strategy in ((two_dir, "ddp"), (fsdp_dir, "fsdp")):
+        command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, output_dir, data, *common, "data.batch_size=4",
+                                                            f"train.strategy={strategy}"))
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
+        proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "process 0 of 2" in proc.stderr and "process 1 of 2" not in proc.stderr  # rank 1 logs warnings only
+    assert "FSDP: 2 LLM layers" in proc.stderr
     # The same global batch as 4 x 2 micro-batches in one process (in this process: no start-up cost).
     train(train_config(config, overrides(tiny_llm_dir, accum_dir, data, *common, "data.batch_size=4", "train.grad_accum=2")))
 
-    one, two, accum = read_log(one_dir), read_log(two_dir), read_log(accum_dir)
-    assert sorted(one) == sorted(two) == sorted(accum) == list(range(1, STEPS + 1))
+    one, two, fsdp, accum = read_log(one_dir), read_log(two_dir), read_log(fsdp_dir), read_log(accum_dir)
+    assert sorted(one) == sorted(two) == sorted(fsdp) == sorted(accum) == list(range(1, STEPS + 1))
     losses = [one[s]["loss"] for s in sorted(one)]
     assert len(set(losses)) == STEPS  # the steps really see different data
     for step in one:
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
+        assert fsdp[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
         assert accum[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5), step
         assert two[step]["samples_per_s"] > 0
-    final = {d: ckpt.load_checkpoint(ckpt.checkpoint_path(d, STEPS)) for d in (one_dir, two_dir)}
+    final = {d: ckpt.load_checkpoint(ckpt.checkpoint_path(d, STEPS)) for d in (one_dir, two_dir, fsdp_dir)}
     assert len(final[two_dir]["rng"]) == 2  # both ranks' generator states, for an exact resume
     for key, value in final[one_dir]["model"].items():
         torch.testing.assert_close(final[two_dir]["model"][key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(final[fsdp_dir]["model"][key], value, rtol=1e-4, atol=1e-6)

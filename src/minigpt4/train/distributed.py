@@ -113,3 +113,47 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def wrap_fsdp(module: nn.Module, llm: nn.Module, ctx: DistContext) -> nn.Module:
+    """FSDP2 for LLMs that do not fit one device: shard every frozen weight across the processes.
+
+    Each decoder layer of `llm` (the classes its `_no_split_modules` names) is one FSDP unit,
+    gathered just before it runs and freed right after; everything else that is frozen (towers,
+    embeddings, final norm, head) goes into the root unit. Call this with `module` on the CPU:
+    FSDP moves only each process's shard to `ctx.device`. The trainable parameters are left out of
+    FSDP (replicated, moved here, synchronised by `all_reduce_gradients`), so the optimizer and the
+    checkpoints see plain tensors, as with DDP.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    layer_classes = set(getattr(llm, "_no_split_modules", None) or [])
+    if not layer_classes:
+        raise ValueError(f"{type(llm).__name__} does not name its decoder layer class (_no_split_modules); "
+                         "train.strategy=fsdp cannot split it, use train.strategy=ddp")
+    trainable = {p for p in module.parameters() if p.requires_grad}
+    layers = [m for m in llm.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh, ignored_params=trainable)
+    for param in trainable:
+        param.data = param.data.to(ctx.device)
+    log.info("FSDP: %d LLM layers and the other frozen weights sharded over %d processes; %d trainable tensors "
+             "replicated", len(layers), ctx.world_size, len(trainable))
+    return module
+
+
+def all_reduce_gradients(params: list[torch.Tensor], ctx: DistContext) -> None:
+    """Average the gradients of `params` over all processes (what DDP does, for FSDP's ignored parameters)."""
+    if not ctx.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

@@ -35,11 +35,13 @@ from minigpt4.train import checkpoint as ckpt
 from minigpt4.train.distributed import (
     DistContext,
     all_gather_objects,
+    all_reduce_gradients,
     all_reduce_sum,
     barrier,
     init_distributed,
     shutdown,
     wrap_ddp,
+    wrap_fsdp,
 )
 from minigpt4.train.optim import build_optimizer
 from minigpt4.train.schedule import lr_at
@@ -69,7 +71,7 @@ class TrainResult:
 class CaptionLoss(nn.Module):
     """Images (or cached frozen features) + laid-out texts -> the SUM of target-token losses.
 
-    This is the module DDP wraps, so that the forward runs through DDP and the trainable parameters'
+    This is the module DDP (or FSDP) wraps, so that the forward runs through the wrapper and the trainable
     gradients are all-reduced on backward.
     """
 
@@ -148,8 +150,6 @@ def check_config(cfg: TrainJobConfig) -> None:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
     if t.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); on CPU use train.precision=bf16 or fp32")
-    if t.strategy != "ddp":
-        raise ConfigError(f"train.strategy={t.strategy!r} is not supported by this loop; use train.strategy=ddp")
 
 
 def resolve_resume(cfg: TrainJobConfig) -> Path | None:
@@ -188,19 +188,21 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     total_steps = t.epochs * t.iters_per_epoch
     save_every = t.save_every or t.iters_per_epoch
 
-    # ---- model: every process builds identical frozen towers (same files, or same seed when random)
+    # ---- model: every process builds identical frozen towers (same files, or same seed when random).
+    # With FSDP it is built on the CPU and each process then moves only its shard to its device.
+    fsdp = t.strategy == "fsdp" and ctx.enabled
     model_cfg = from_dict(type(cfg.model), to_dict(cfg.model))
-    model_cfg.device = str(ctx.device)
+    model_cfg.device = "cpu" if fsdp else str(ctx.device)
     torch.manual_seed(t.seed)
     model = build_model(model_cfg)
     resume_path = resolve_resume(cfg)
     state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if state is not None:
-        # Before the optimizer exists, so that it holds the parameters that carry these values.
         ckpt.load_trainable_state_dict(model, state["model"], str(resume_path))
     model.train()
+    loss_fn = wrap_fsdp(CaptionLoss(model), model.llm, ctx) if fsdp else wrap_ddp(CaptionLoss(model), ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t)  # after wrapping: it must hold the tensors training updates
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.precision == "fp16")
     autocast = torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(t.precision), enabled=t.precision != "fp32")
 
@@ -220,7 +222,6 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             seed_everything(t.seed + ctx.rank + start_step)
         log.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
 
-    loss_fn = wrap_ddp(CaptionLoss(model), ctx)
     prompts = load_prompts_for(cfg)
     batches = open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model)
 
@@ -293,15 +294,17 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             loss_sum = torch.zeros((), device=ctx.device)
             for index, (batch, layout) in enumerate(zip(micro, layouts)):
                 last = index == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not ctx.enabled else loss_fn.no_sync()
+                sync = contextlib.nullcontext() if last or fsdp or not ctx.enabled else loss_fn.no_sync()
                 are_features = "features" in batch
                 inputs = (batch["features"] if are_features else batch["image"]).to(ctx.device, non_blocking=True)
                 with sync:
                     with autocast:
                         part = loss_fn(inputs, are_features, layout)
-                    # DDP averages gradients over processes; * world_size turns that into a sum.
+                    # Gradients get averaged over processes; * world_size turns that into a sum.
                     scaler.scale(part.float() * ctx.world_size / targets).backward()
                 loss_sum += part.detach().float()
+            if fsdp:
+                all_reduce_gradients(trainable, ctx)  # FSDP leaves the trainable weights to us
             loss = float(all_reduce_sum(loss_sum, ctx)) / targets
 
             # ---- never train on garbage: stop with the last good state saved
