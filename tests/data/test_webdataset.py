@@ -151,6 +151,7 @@ def test_shard_specs_and_caption_choice(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert expand_shards(str(tmp_path)) == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
     assert expand_shards("/a/{0..1}.tar::/b/x.tar") == ["/a/0.tar", "/a/1.tar", "/b/x.tar"]
+    assert expand_shards(["/a/{0..1}.tar", str(tmp_path)]) == ["/a/0.tar", "/a/1.tar", *expand_shards(str(tmp_path))]
     # .json "caption" first (what the original reads), then .txt
     assert sample_caption({"json": b'{"caption": "from json"}', "txt": b"from txt"}) == "from json"
     assert sample_caption({"json": b'{"caption": null, "url": "u"}', "txt": b"from txt"}) == "from txt"

@@ -21,7 +21,7 @@ import random
 import tarfile
 from itertools import count
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 from webdataset.shardlists import expand_urls
 
@@ -44,10 +44,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_EMPTY_PASSES = 3
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a spec: brace patterns joined by `::`, or a folder (all its *.tar, sorted)."""
+ShardSpec = Union[str, Sequence[str]]
+
+
+def expand_shards(spec: ShardSpec) -> list[str]:
+    """Shard paths from a spec: brace patterns joined by `::`, folders (all their *.tar, sorted), or a list of those."""
+    parts = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
-    for part in expand_urls(spec):
+    for part in (path for pattern in parts for path in expand_urls(str(pattern))):
         if Path(part).is_dir():
             paths.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
         else:
@@ -163,15 +167,15 @@ class ShardSource:
 
     def __init__(
         self,
-        spec: str,
+        spec: ShardSpec,
         index: int,
         *,
         seed: int,
         shuffle_buffer: int,
         caption_processor: Callable[[str], str] | None,
     ) -> None:
-        self.spec = spec
-        self.name = spec
+        self.spec = spec if isinstance(spec, str) else "::".join(map(str, spec))
+        self.name = self.spec
         self.index = index
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -245,7 +249,7 @@ class ShardSource:
 
 
 def stage1_batches(
-    sources: Sequence[tuple[str, float]],
+    sources: Sequence[tuple[ShardSpec, float]],
     transform: ImageTransform,
     batch_size: int,
     *,
@@ -260,7 +264,8 @@ def stage1_batches(
     """An endless stream of stage-1 batches, each drawn whole from one dataset picked by ratio.
 
     Args:
-        sources: (shard spec, mixing ratio) per dataset, e.g. [("/d/laion/{00000..10488}.tar", 115.0)].
+        sources: (shard spec, mixing ratio) per dataset, e.g. [("/d/laion/{00000..10488}.tar", 115.0)]; a spec is
+            a brace pattern, several joined by "::", a folder of .tar files, or a list of those.
         transform: PIL image -> (3, H, W) tensor (its randomness is seeded per sample).
         batch_size: samples per batch (per rank).
         seed: everything random (shard order, shuffle buffer, dataset picks, augmentations) derives from it.
