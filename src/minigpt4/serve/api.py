@@ -436,5 +436,6 @@ def serve(engine: ModelEngine, config: ServeConfig) -> None:
                     config.host)
     app = create_app(engine, config)
     # A last-resort cap on open connections and tasks; the scheduler's queue is the real back-pressure.
+    # On Ctrl-C, open streams get 10 s to finish before they are cut.
     uvicorn.run(app, host=config.host, port=config.port, limit_concurrency=max(256, 4 * config.max_queue),
-                timeout_keep_alive=5, log_level="info")
+                timeout_keep_alive=5, timeout_graceful_shutdown=10, log_level="info")
