@@ -11,6 +11,7 @@ transformers version returns in front of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import re
@@ -150,6 +151,12 @@ def text_stops(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> list
     return list(dict.fromkeys(s for s in stops if s not in special))
 
 
+@functools.lru_cache(maxsize=16)
+def _stop_string_criteria(tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...]) -> StopStringCriteria:
+    # Preparing it scans the whole vocabulary (~0.3 s for 49k tokens); the result is stateless, so share it.
+    return StopStringCriteria(tokenizer, list(stops))
+
+
 class StopCriteria(StoppingCriteria):
     """Ends each row (or beam) on its own when its generated text reaches a stop string.
 
@@ -164,7 +171,7 @@ class StopCriteria(StoppingCriteria):
         self.stops = list(stops)
         self.prefix_length: int | None = None
         self._cancelled = threading.Event()
-        self._strings = StopStringCriteria(tokenizer, self.stops) if self.stops else None
+        self._strings = _stop_string_criteria(tokenizer, tuple(self.stops)) if self.stops else None
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -358,12 +365,13 @@ class _QueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
-def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids of SentencePiece byte-fallback tokens ("<0xE2>"): a run of them decodes only once complete."""
-    return {i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok)}
-
-
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids of SentencePiece byte-fallback tokens ("<0xE2>"): a run of them decodes only once complete."""
+    return frozenset(i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok))
 
 
 def _stable_text(
@@ -371,7 +379,7 @@ def _stable_text(
     ids: list[int],
     stops: Sequence[str],
     eos_ids: Sequence[int],
-    byte_ids: set[int],
+    byte_ids: frozenset[int],
 ) -> str:
     """The part of the answer so far that later tokens cannot change: a prefix of the final text."""
     text, _, reason = finish(tokenizer, ids, stops, eos_ids)
