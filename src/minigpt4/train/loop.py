@@ -214,6 +214,11 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
         if state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         start_step, skipped_total = state["step"], state["skipped"]
+        saved = state["config"]
+        if saved["data"] != to_dict(cfg.data) or saved["train"]["seed"] != t.seed or \
+                saved["train"]["grad_accum"] != t.grad_accum:
+            log.warning("%s was written with other data settings, seed or grad_accum: the data position it "
+                        "records does not carry over exactly", resume_path)
         if len(state["rng"]) == ctx.world_size:
             ckpt.set_rng_state(state["rng"][ctx.rank], ctx.device)
         else:
