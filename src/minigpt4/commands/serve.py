@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
-from pathlib import Path
+import sys
 
-from minigpt4.config import model_config
+from minigpt4.commands.model_options import add_model_arguments, load_model
 from minigpt4.serve.config import API_KEY_ENV, ServeConfig
-
-log = logging.getLogger(__name__)
 
 # ServeConfig fields that get their own --flag (api_key is handled apart: it may come from the environment).
 _FLAGGED = [f for f in dataclasses.fields(ServeConfig) if f.name != "api_key"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="model preset: tiny, embedded, minigpt4-7b, minigpt4-13b")
-    parser.add_argument("--config", type=Path, help="a model YAML file (overrides the preset)")
-    parser.add_argument(
+    add_model_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. llm.path=/models/vicuna-7b")
+    server = parser.add_argument_group("server")
+    server.add_argument(
         "--api-key", default=None,
         help=f"require 'Authorization: Bearer KEY' (default: the {API_KEY_ENV} environment variable; unset = no key)",
     )
@@ -29,17 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, spec.name)
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=spec.metadata["help"])
+            server.add_argument(flag, action="store_true", help=spec.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(default), default=default,
+            server.add_argument(flag, type=type(default), default=default,
                                 help=f"{spec.metadata['help']} (default: {default!r})")
-    parser.add_argument("overrides", nargs="*", help="model key=value overrides, e.g. llm.path=/models/vicuna-7b")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from minigpt4.model.build import build_model
     from minigpt4.serve.api import serve
     from minigpt4.serve.engine import ModelEngine
 
@@ -47,15 +41,12 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, ""),
         **{spec.name: getattr(args, spec.name) for spec in _FLAGGED},
     )
-    config.check()
-    cfg = model_config(args.preset, args.config, args.overrides)
-    if not cfg.llm.path and args.preset == "tiny":
-        from minigpt4.testing import build_tiny_llm
-
-        cfg.llm.path = str(build_tiny_llm(Path.home() / ".cache" / "minigpt4" / "tiny-llm"))
-    torch.manual_seed(0)  # towers without weight files (tiny preset) come out the same every run
-    log.info("loading the model (preset %s%s)", args.preset, f", {args.config}" if args.config else "")
-    engine = ModelEngine(build_model(cfg), template=config.template)
+    try:
+        config.check()
+    except ValueError as err:
+        print(f"minigpt4 serve: {err}", file=sys.stderr)
+        return 2
+    engine = ModelEngine(load_model(args, args.overrides), template=config.template)
     print(f"serving {config.model_name!r} on http://{config.host}:{config.port}/v1 "
           f"(API key {'required' if config.api_key else 'not required'})", flush=True)
     serve(engine, config)

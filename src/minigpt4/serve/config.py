@@ -63,5 +63,9 @@ class ServeConfig:
             raise ValueError(
                 f"serve.default_max_tokens={self.default_max_tokens} exceeds serve.max_tokens={self.max_tokens}"
             )
+        from minigpt4.chat.templates import TEMPLATE_NAMES
+
+        if self.template not in TEMPLATE_NAMES:
+            raise ValueError(f"serve.template={self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
         if self.max_n > self.max_batch_size:
             raise ValueError(f"serve.max_n={self.max_n} exceeds serve.max_batch_size={self.max_batch_size}")
