@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -105,6 +106,8 @@ def test_kill_and_resume_gives_the_uninterrupted_trajectory(tiny_llm_dir, tiny_d
     assert resumed_result.final_loss == whole_result.final_loss
 
     resumed, whole = read_log(killed_dir), read_log(whole_dir)
+    steps_logged = [json.loads(line)["step"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 17))  # what the killed run logged after its checkpoint was dropped
     assert sorted(resumed) == sorted(whole) == list(range(1, 17))
     for step in whole:
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=1e-7), step
@@ -150,6 +153,16 @@ def test_corrupt_images_and_a_truncated_tar_are_skipped_and_reported(tiny_llm_di
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "00003" in warnings and "00005" in warnings and "00001.tar" in warnings
     assert read_log(tmp_path / "out")[8]["skipped"] == result.skipped
+
+
+def test_bf16_autocast_on_cpu(tiny_llm_dir, tiny_data, tmp_path):
+    cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", overrides(
+        tiny_llm_dir, tmp_path / "out", [{"kind": "webdataset", "path": tiny_data.shards}],
+        "train.precision=bf16", "train.epochs=1", "train.iters_per_epoch=3", "train.tensorboard=false"))
+    result = train(cfg)
+    assert len(result.losses) == 3 and all(5.0 < loss < 7.0 for loss in result.losses)
+    weights = ckpt.load_checkpoint(result.checkpoint)["model"]["llama_proj.weight"]
+    assert weights.dtype == torch.float32  # trainable weights stay fp32 under autocast
 
 
 def test_a_non_finite_loss_stops_with_a_checkpoint(tiny_llm_dir, tiny_data, tmp_path):

@@ -161,6 +161,18 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     return Path(cfg.train.resume) if cfg.train.resume else None
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep only the JSONL records of steps <= `step` (rewritten atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -251,11 +263,13 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     jsonl, board = None, None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # A resumed run redoes the steps after its checkpoint: drop what the killed run logged for them.
+        drop_records_after(out / LOG_NAME, start_step)
         jsonl = (out / LOG_NAME).open("a")
         if t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            board = SummaryWriter(str(out / "tensorboard"))
+            board = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d micro-batches",
                  total_steps, t.epochs, t.iters_per_epoch, cfg.data.batch_size * ctx.world_size * t.grad_accum,
                  cfg.data.batch_size, ctx.world_size, t.grad_accum)
