@@ -32,14 +32,14 @@ def bigram_model(tiny_model):
     vocab = tiny_model.tokenizer.get_vocab()
     successor = {}
     for chain in CHAINS:
-        for source, target in zip(chain, chain[1:]):
+        for source, target in zip(chain, chain[1:], strict=False):
             successor[vocab[source]] = vocab[target]
     successor[vocab["##"]] = vocab["#"]
     # After a stop string the text would go on with "in in in ..." if nothing stopped it.
     for end in ("▁###", "###", "#", "▁in"):
         successor[vocab[end]] = vocab["▁in"]
     make_bigram(tiny_model.llm, successor)
-    for prompt, chain in zip(PROMPTS, CHAINS):
+    for prompt, chain in zip(PROMPTS, CHAINS, strict=True):
         assert layout_sample(tiny_model.tokenizer, prompt, 8).input_ids[-1] == vocab[chain[0]]
     return tiny_model
 
@@ -105,7 +105,8 @@ def test_sampling_is_seedable_and_beam_search_runs(tiny_model, pixels):
     assert torch.equal(torch.get_rng_state(), rng_before)  # seeding does not touch the caller's RNG
     beams = GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=5)
     assert generate(tiny_model, prompt, [[pixels]], beams) == generate(tiny_model, prompt, [[pixels]], beams)
-    assert "".join(stream(tiny_model, prompt[0], [pixels], beams)) == generate(tiny_model, prompt, [[pixels]], beams)[0].text
+    expected = generate(tiny_model, prompt, [[pixels]], beams)[0].text
+    assert "".join(stream(tiny_model, prompt[0], [pixels], beams)) == expected
 
 
 def test_context_budget_and_input_errors(tiny_model, pixels):

@@ -33,12 +33,13 @@ def tokenizer(tiny_llm_dir):
 
 def test_vicuna_v0_matches_the_release_format(tokenizer):
     template = get_template("vicuna_v0", tokenizer)
-    assert template.render(ONE_TURN, "SYS") == "SYS###Human: <Img><ImageHere></Img> What is in the picture?###Assistant:"
+    one = "###Human: <Img><ImageHere></Img> What is in the picture?###Assistant:"
+    assert template.render(ONE_TURN, "SYS") == "SYS" + one
     assert template.render(TWO_TURNS, "SYS") == (
         "SYS###Human: <Img><ImageHere></Img> What is in the picture?###Assistant: A cat on a sofa."
         "###Human: What colour is it?###Assistant:"
     )
-    assert template.render(ONE_TURN) == DEFAULT_SYSTEM + "###Human: <Img><ImageHere></Img> What is in the picture?###Assistant:"
+    assert template.render(ONE_TURN) == DEFAULT_SYSTEM + one
     # No system text is what the released weights were trained with.
     assert template.render(ONE_TURN, "").startswith("###Human: <Img><ImageHere></Img>")
     assert template.stop == ["###"]
@@ -47,7 +48,8 @@ def test_vicuna_v0_matches_the_release_format(tokenizer):
 def test_vicuna_v0_several_images_and_image_only_message(tokenizer):
     template = get_template("vicuna_v0", tokenizer)
     two = [Message("user", "Compare them.", images=2)]
-    assert template.render(two, "") == "###Human: <Img><ImageHere></Img> <Img><ImageHere></Img> Compare them.###Assistant:"
+    expected = "###Human: <Img><ImageHere></Img> <Img><ImageHere></Img> Compare them.###Assistant:"
+    assert template.render(two, "") == expected
     assert template.render([Message("user", images=1)], "") == "###Human: <Img><ImageHere></Img>###Assistant:"
 
 
@@ -100,9 +102,15 @@ def test_bad_templates_and_messages(tokenizer):
 
 
 def _long_conversation(turns: int) -> list[Message]:
-    messages = [Message("user", "Describe this image in detail.", images=1), Message("assistant", "a photo of a cat " * 6)]
+    messages = [
+        Message("user", "Describe this image in detail.", images=1),
+        Message("assistant", "a photo of a cat " * 6),
+    ]
     for _ in range(turns):
-        messages += [Message("user", "the dog runs in the park with a red ball"), Message("assistant", "a red circle " * 8)]
+        messages += [
+            Message("user", "the dog runs in the park with a red ball"),
+            Message("assistant", "a red circle " * 8),
+        ]
     return messages + [Message("user", "Give me a detailed description of the picture.")]
 
 

@@ -38,7 +38,7 @@ def demo_url(tiny_config, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_config)
     vocab = model.tokenizer.get_vocab()
-    successor = {vocab[a]: vocab[b] for a, b in zip(ANSWER_CHAIN, ANSWER_CHAIN[1:])}
+    successor = {vocab[a]: vocab[b] for a, b in zip(ANSWER_CHAIN, ANSWER_CHAIN[1:], strict=False)}
     successor[vocab["###"]] = vocab["▁in"]
     make_bigram(model.llm, successor)
     demo = build_demo(model, GenerationSettings(do_sample=False, max_new_tokens=8), examples_dir=tmp_path / "examples")
@@ -100,7 +100,8 @@ def test_demo_in_a_browser(demo_url, page, photo, tmp_path):
     bot = page.locator("#chatbot [data-testid='bot']").last
     bot.wait_for(timeout=60_000)
     page.wait_for_function(
-        "() => [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].some(e => e.innerText.trim() === 'a red image')",
+        "t => [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")].some(e => e.innerText.trim() === t)",
+        arg="a red image",
         timeout=60_000,
     )
     assert "###" not in page.locator("#chatbot").inner_text()

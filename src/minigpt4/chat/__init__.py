@@ -4,4 +4,13 @@ from minigpt4.chat.generation import Completion, GenerationSettings, generate, s
 from minigpt4.chat.session import Chat
 from minigpt4.chat.templates import ConversationTemplate, Message, get_template
 
-__all__ = ["Chat", "Completion", "ConversationTemplate", "GenerationSettings", "Message", "generate", "get_template", "stream"]
+__all__ = [
+    "Chat",
+    "Completion",
+    "ConversationTemplate",
+    "GenerationSettings",
+    "Message",
+    "generate",
+    "get_template",
+    "stream",
+]

@@ -17,8 +17,9 @@ import queue
 import re
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
@@ -63,7 +64,7 @@ class GenerationSettings:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"GenerationSettings.stop must hold non-empty strings, got {self.stop!r}")
 
-    def replace(self, **changes) -> "GenerationSettings":
+    def replace(self, **changes) -> GenerationSettings:
         """A copy with `changes` applied; unknown names are an error that lists the valid ones."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
@@ -116,7 +117,7 @@ def prepare_inputs(
         raise ValueError("generate needs at least one prompt")
     tokenizer = model.tokenizer
     samples = []
-    for row, (prompt, embeds) in enumerate(zip(prompts, image_embeds)):
+    for row, (prompt, embeds) in enumerate(zip(prompts, image_embeds, strict=True)):
         slots = prompt.count(IMAGE_PLACEHOLDER)
         given = embeds.shape[0] if embeds.numel() else 0
         if slots != given:
@@ -226,7 +227,9 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
 # ------------------------------------------------------------------------------------ decoding
 
 
-def _generation_config(model, settings: GenerationSettings, max_new_tokens: int, eos_ids: list[int]) -> GenerationConfig:
+def _generation_config(
+    model, settings: GenerationSettings, max_new_tokens: int, eos_ids: list[int]
+) -> GenerationConfig:
     # Every field is set explicitly: transformers fills unset ones from the model's own generation
     # config (e.g. top_k=50), which would silently change the sampling.
     # Greedy and plain beam search use no warpers, so the sampling fields are left out there.
@@ -291,8 +294,15 @@ def _run_generate(model, prepared: PreparedInputs, settings: GenerationSettings,
 
 
 def _stops(model, settings: GenerationSettings, template_stops: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(text stop strings, stop token ids) for one call."""
     every = list(template_stops) + list(settings.stop)
-    return text_stops(model.tokenizer, every), stop_token_ids(model.tokenizer, every)
+    ids = stop_token_ids(model.tokenizer, every)
+    # The LLM's own end-of-turn ids too (Llama-3 style models list more than the tokenizer's EOS).
+    configured = getattr(model.llm.generation_config, "eos_token_id", None)
+    for token_id in [configured] if isinstance(configured, int) else configured or []:
+        if token_id not in ids:
+            ids.append(token_id)
+    return text_stops(model.tokenizer, every), ids
 
 
 def generate_from_embeds(
@@ -312,7 +322,7 @@ def generate_from_embeds(
     sequences = _run_generate(model, prepared, settings, criteria, eos_ids)
     new_ids = sequences[:, criteria.prefix_length:].tolist()  # (B, T) generated ids, finished rows padded
     completions = []
-    for ids, prompt_tokens in zip(new_ids, prepared.prompt_tokens):
+    for ids, prompt_tokens in zip(new_ids, prepared.prompt_tokens, strict=True):
         text, count, reason = finish(model.tokenizer, ids, stops, eos_ids)
         completions.append(Completion(text, prompt_tokens, count, reason))
     return completions

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -116,7 +116,11 @@ class Chat:
         for message in self.messages:
             first_image.append(count)
             count += message.images
-        kept_images = [e for i in keep for e in self._image_embeds[first_image[i]:first_image[i] + self.messages[i].images]]
+        kept_images = [
+            embeds
+            for i in keep
+            for embeds in self._image_embeds[first_image[i] : first_image[i] + self.messages[i].images]
+        ]
         prompt = self.template.render([self.messages[i] for i in keep], self.system)
         embeds = torch.stack(kept_images) if kept_images else torch.empty(0)  # (n, Q, H)
         return prompt, embeds

@@ -16,8 +16,9 @@ BOS token and every image that stays are always laid out whole.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -59,7 +60,7 @@ class Message:
 def _check_roles(messages: Sequence[Message]) -> None:
     if not messages or messages[0].role != "user":
         raise ValueError("a conversation must start with a user message")
-    for before, after in zip(messages, messages[1:]):
+    for before, after in zip(messages, messages[1:], strict=False):
         if before.role == after.role:
             raise ValueError(f"roles must alternate user/assistant, got two {after.role!r} messages in a row")
 

@@ -6,9 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from minigpt4.commands.model_options import (
     add_generation_arguments,
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             if good:
                 completions = generate(model, [prompt] * len(good), [[p] for p in pixels], settings,
                                        template_stops=template.stop, add_bos=template.add_bos)
-                for item, completion in zip(good, completions):
+                for item, completion in zip(good, completions, strict=True):
                     record = {"key": item.key, "source": item.source, "caption": completion.text,
                               "finish_reason": completion.finish_reason}
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")

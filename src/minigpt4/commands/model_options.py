@@ -10,8 +10,8 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from minigpt4.chat.generation import GenerationSettings
 from minigpt4.chat.templates import TEMPLATE_NAMES

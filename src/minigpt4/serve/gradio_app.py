@@ -193,7 +193,9 @@ def build_demo(
                 gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Example images")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label=TITLE, elem_id="chatbot", height=480)
-                question = gr.Textbox(label="User", placeholder="Ask about the image and press Enter", elem_id="question")
+                question = gr.Textbox(
+                    label="User", placeholder="Ask about the image and press Enter", elem_id="question"
+                )
 
         upload.change(on_image, [upload, chatbot], [upload, preview, chatbot, status])
         question.submit(on_ask, [question, chatbot], [question, chatbot, status, ready]).then(
