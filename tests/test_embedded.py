@@ -180,3 +180,14 @@ def test_training_reads_the_feature_cache(tmp_path, tiny_llm_dir, monkeypatch):
 
     with pytest.raises(StaleCacheError, match="another image transform"):
         train(train_config("configs/tiny_stage1.yaml", [*overrides[:2], *overrides[3:], "data.augment=true"]))
+
+
+def test_embedded_job_config_uses_the_embedded_preset():
+    from minigpt4.config import train_config
+    from minigpt4.embedded import default_smollm2_dir
+
+    cfg = train_config("configs/embedded.yaml")
+    assert cfg.model.vision.arch == "efficientnet_lite0" and cfg.model.qformer.trainable
+    assert cfg.model.qformer.num_query_tokens == 8 and cfg.model.qformer.cross_attention_freq == 1
+    assert cfg.model.llm.path == str(default_smollm2_dir())
+    assert train_config("configs/stage1_pretrain.yaml").model.vision.arch == "eva_vit_g"  # still the default

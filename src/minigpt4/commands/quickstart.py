@@ -135,6 +135,7 @@ def plot_losses(stage1: list[float], stage2: list[float], path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     import yaml
+    from tqdm import tqdm
 
     from minigpt4.chat import Chat
     from minigpt4.config import train_config
@@ -182,9 +183,11 @@ def run(args: argparse.Namespace) -> int:
     print("[3/7] caching the frozen EfficientNet-Lite0 features")
     model = build_model(cfg1.model)
     transform = data_transform(cfg1)
-    n1, bad1 = build_cache(model, [("webdataset", data.stage1_shards)], out / "cache" / "stage1", transform)
-    n2, bad2 = build_cache(model, [("aligned", str(data.stage2_root))], out / "cache" / "stage2", transform,
-                           process_captions=False)
+    with tqdm(total=data.num_stage1 + data.num_stage2, desc="features", unit="img") as bar:
+        n1, bad1 = build_cache(model, [("webdataset", data.stage1_shards)], out / "cache" / "stage1", transform,
+                               progress=bar.update)
+        n2, bad2 = build_cache(model, [("aligned", str(data.stage2_root))], out / "cache" / "stage2", transform,
+                               process_captions=False, progress=bar.update)
     del model
     t = lap("features", t)
     print(f"      {n1} + {n2} images cached, {len(bad1) + len(bad2)} skipped")

@@ -1,0 +1,30 @@
+"""`minigpt4 quickstart --fast` end to end: embedded model, generated data, both stages, eval, chat, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_fast_end_to_end(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "minigpt4.cli", "quickstart", "--fast", "--output", str(tmp_path / "qs"), "--threads", "1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
+    assert summary["stage1"]["steps"] == 12 and summary["stage2"]["steps"] == 3
+    assert summary["stage1"]["tokens_per_s"] > 0 and summary["heldout"]["images"] == 12
+    assert len(summary["chat"]["turns"]) == 2
+    assert (tmp_path / "qs" / "loss_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
+    assert "held-out (12 new images): colour+shape" in proc.stdout
+    # The stage-1 run really learns: the loss of its last step is below that of its first.
+    log = [json.loads(line) for line in (tmp_path / "qs" / "stage1" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
