@@ -146,11 +146,48 @@ class MiniGPT4(nn.Module):
         mask = batch.image_mask.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
 
-    def lm_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Causal-LM cross-entropy, a mean over every target token of the batch (as HF computes it)."""
+    def lm_loss(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        length_buckets: int = 1,
+        full_logits: bool = False,
+    ) -> torch.Tensor:
+        """Causal-LM cross-entropy, a mean over every target token of the batch (as HF computes it).
+
+        Args:
+            length_buckets: > 1 sorts the rows by length and runs the LLM on that many groups, each
+                cut to its own longest row, so trailing padding is not computed. Same loss (padding
+                after a row's last token never reaches its earlier positions), fewer FLOPs.
+            full_logits: apply the LM head at every position, as a plain `llm(...).logits` does (the
+                benchmark baseline), instead of only at target positions.
+        """
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets={length_buckets} must be at least 1 (1 = no bucketing)")
+        if length_buckets == 1:
+            logits, targets = self._target_logits(inputs_embeds, attention_mask, labels, full_logits)
+            return F.cross_entropy(logits.float(), targets)
+        positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+        ends = ((attention_mask != 0) * positions).amax(dim=1)  # (B,) one past each row's last real token
+        order = torch.argsort(ends)
+        total = inputs_embeds.new_zeros((), dtype=torch.float32)
+        for rows in torch.tensor_split(order, min(length_buckets, len(order))):
+            end = int(ends[rows].max())
+            logits, targets = self._target_logits(
+                inputs_embeds[rows, :end], attention_mask[rows, :end], labels[rows, :end], full_logits
+            )
+            total = total + F.cross_entropy(logits.float(), targets, reduction="sum")
+        return total / (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def _target_logits(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, full_logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, V) logits at the T target positions of the batch, and the (T,) tokens they predict."""
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        if self.llm.config.model_type in _PLAIN_HEAD_MODEL_TYPES:
+        if self.llm.config.model_type in _PLAIN_HEAD_MODEL_TYPES and not full_logits:
             hidden = self.llm.base_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
             ).last_hidden_state
@@ -158,7 +195,7 @@ class MiniGPT4(nn.Module):
         else:
             logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
             logits = logits[:, :-1][keep]
-        return F.cross_entropy(logits.float(), targets[keep])
+        return logits, targets[keep]
 
     def loss_from_image_embeds(
         self,

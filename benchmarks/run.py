@@ -1,0 +1,219 @@
+"""MiniGPT-4 speed benchmark: every speed switch against a baseline measured in the same invocation.
+
+    python -m benchmarks.run                                   # tiny dims, a few seconds per variant
+    python -m benchmarks.run --dims original                   # 39-block ViT-g + BERT-base Q-Former, SmolLM2 on CPU
+    python -m benchmarks.run --dims original --parts stage2 chat --variants baseline,fast,fast+cache
+
+The baseline is our model in its plainest form: fp32, eager attention, full logits, no KV cache,
+no feature cache, no bucketing, batch 1 in chat. Each variant runs in its own process (so its peak
+memory is its own) on the same seeded weights and the same batch, and every figure is reported as a
+ratio to the baseline, so the ratios carry across machines. Prints markdown tables and writes JSON.
+
+Parts:
+  stage1  training, stage-1 layout: [BOS][image][caption], 32-token captions (batch 64 in the original)
+  stage2  training, stage-2 layout: instruction prompt + image + 160-token description (batch 12 originally)
+  chat    time to first token (image encoding + prefill) and decode tokens/s through minigpt4.chat
+
+tokens/s = LLM input positions (BOS, prompt, image positions, target; padding excluded) per second.
+MFU = matmul/attention FLOPs the step runs (counted by torch's FlopCounterMode in the first warm-up
+step) per second, over this machine's measured matmul peak in the variant's compute dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.peak import matmul_peak
+from benchmarks.spec import CHAT_VARIANTS, TRAIN_VARIANTS, Spec
+from benchmarks.worker import RESULT_PREFIX, execute
+
+RESULTS_DIR = Path(__file__).parent / "results"
+PARTS = ("stage1", "stage2", "chat")
+DEFAULT_TRAIN = "baseline,sdpa,bf16,target-logits,buckets,cache,fast,fast+cache"
+DEFAULT_CHAT = "baseline,kv-cache,sdpa,bf16,fast,fast-batch4"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
+    )
+    parser.add_argument("--dims", choices=["tiny", "original"], default="tiny",
+                        help="tower dims: tiny (tests) or original (EVA-ViT-g 39 blocks, BERT-base Q-Former)")
+    parser.add_argument("--llm", default=None,
+                        help="tiny | smollm2 | vicuna7b (random, Vicuna-7B dims) | a model folder "
+                             "(default: tiny with --dims tiny, smollm2 on CPU / vicuna7b on CUDA with --dims original)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--variants", default=None,
+                        help=f"training variants, comma-separated (default {DEFAULT_TRAIN}; also: "
+                             f"{', '.join(v for v in TRAIN_VARIANTS if v not in DEFAULT_TRAIN.split(','))})")
+    parser.add_argument("--chat-variants", default=DEFAULT_CHAT, help=f"chat variants (of {', '.join(CHAT_VARIANTS)})")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (slow to compile on CPU)")
+    parser.add_argument("--batch-stage1", type=int, default=None, help="stage-1 batch (default 8 tiny, 4 original)")
+    parser.add_argument("--batch-stage2", type=int, default=None, help="stage-2 batch (default 4 tiny, 2 original)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 3 tiny, 1 original)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one counts FLOPs)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="chat: tokens per answer (default 32 tiny, 16 original)")
+    parser.add_argument("--device", default="cpu", help="torch device string (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the variants in this process (quick smoke runs; peak memory is then not per variant)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON file to write (default benchmarks/results/<dims>-<device>.json)")
+    args = parser.parse_args(argv)
+    original = args.dims == "original"
+    cuda = args.device.startswith("cuda")
+    if args.llm is None:
+        args.llm = ("vicuna7b" if cuda else "smollm2") if original else "tiny"
+    args.batch_stage1 = args.batch_stage1 or (4 if original else 8)
+    args.batch_stage2 = args.batch_stage2 or (2 if original else 4)
+    args.steps = args.steps or (1 if original else 3)
+    args.new_tokens = args.new_tokens or (16 if original else 32)
+    train = (args.variants or DEFAULT_TRAIN).split(",")
+    if args.compile:
+        train += [v for v in ("compile", "fast+compile") if v not in train]
+    args.train_variants = train
+    args.chat_variants = args.chat_variants.split(",")
+    for name in args.train_variants:
+        if name not in TRAIN_VARIANTS:
+            parser.error(f"unknown training variant {name!r}; choose from {', '.join(TRAIN_VARIANTS)}")
+    for name in args.chat_variants:
+        if name not in CHAT_VARIANTS:
+            parser.error(f"unknown chat variant {name!r}; choose from {', '.join(CHAT_VARIANTS)}")
+    if "baseline" not in args.train_variants or "baseline" not in args.chat_variants:
+        parser.error("every part needs the baseline variant: the ratios are taken against it")
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the first warm-up step counts FLOPs)")
+    return args
+
+
+def specs_for(args: argparse.Namespace, part: str, workdir: str) -> list[Spec]:
+    common = dict(dims=args.dims, llm=args.llm, device=args.device, steps=args.steps, warmup=args.warmup,
+                  seed=args.seed, threads=args.threads, workdir=workdir)
+    if part == "chat":
+        return [Spec(name, "chat", batch=1, new_tokens=args.new_tokens, switches=CHAT_VARIANTS[name], **common)
+                for name in args.chat_variants]
+    batch = args.batch_stage1 if part == "stage1" else args.batch_stage2
+    return [Spec(name, "train", layout=part, batch=batch, switches=TRAIN_VARIANTS[name], **common)
+            for name in args.train_variants]
+
+
+def run_variant(spec: Spec) -> dict:
+    """Run one variant in a fresh Python process; its last stdout line holds the result."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", spec.to_json()], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-25:])
+        raise RuntimeError(f"variant {spec.name!r} ({spec.task} {spec.layout}) failed with exit code "
+                           f"{proc.returncode}:\n{tail}")
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def execute_here(spec: Spec) -> dict:
+    start = time.perf_counter()
+    result = execute(spec)
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def add_ratios(part: str, rows: list[dict], peaks: dict[str, float]) -> None:
+    """Each row gets its figures relative to the part's baseline row (measured in this invocation)."""
+    base = next(r for r in rows if r["variant"] == "baseline")
+    for row in rows:
+        row["memory_ratio"] = row["peak_memory_gib"] / base["peak_memory_gib"]
+        if part == "chat":
+            row["ttft_ratio"] = row["ttft_s"] / base["ttft_s"]
+            row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
+            continue
+        row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["loss_rel_diff"] = abs(row["loss"] - base["loss"]) / abs(base["loss"])
+        peak = peaks.get(row["compute_dtype"])
+        row["mfu"] = row["flops_per_s"] / peak if row["flops_per_s"] and peak else None
+
+
+def fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(part: str, rows: list[dict]) -> str:
+    if part == "chat":
+        head = ("| variant | switches | TTFT s | TTFT × base | decode tok/s | decode × base | "
+                "peak mem GiB | mem × base |\n|---|---|---|---|---|---|---|---|")
+        body = [f"| {r['variant']} | {r['switches']} | {fmt(r['ttft_s'])} | {fmt(r['ttft_ratio'])} | "
+                f"{fmt(r['decode_tok_s'], '.1f')} | {fmt(r['decode_ratio'])} | {fmt(r['peak_memory_gib'])} | "
+                f"{fmt(r['memory_ratio'])} |" for r in rows]
+    else:
+        head = ("| variant | switches | tokens/s | × base | samples/s | s/step | loss | Δloss vs base | "
+                "peak mem GiB | mem × base | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        body = [f"| {r['variant']} | {r['switches']} | {fmt(r['tokens_per_s'], '.1f')} | {fmt(r['speedup'])} | "
+                f"{fmt(r['samples_per_s'], '.3f')} | {fmt(r['step_s'])} | {fmt(r['loss'], '.4f')} | "
+                f"{fmt(100 * r['loss_rel_diff'], '.3f', '%')} | {fmt(r['peak_memory_gib'])} | "
+                f"{fmt(r['memory_ratio'])} | {fmt(100 * r['mfu'] if r['mfu'] else None, '.1f', '%')} |"
+                for r in rows]
+    return "\n".join([head, *body])
+
+
+def title(part: str, args: argparse.Namespace, rows: list[dict]) -> str:
+    if part == "chat":
+        return (f"Chat: vicuna_v0 prompt with 1 image, {args.new_tokens} greedy tokens per answer "
+                f"(prompt {rows[0]['prompt_tokens']} positions)")
+    batch = args.batch_stage1 if part == "stage1" else args.batch_stage2
+    what = "32-token captions, no prompt" if part == "stage1" else "instruction prompt + descriptions up to 160 tokens"
+    base = rows[0]
+    return (f"Training, {part} layout ({what}): batch {batch}, {base['tokens_per_step']} LLM input positions per "
+            f"step ({base['padded_positions']} with padding)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    peaks = {"float32": matmul_peak(torch.float32, args.device), "bfloat16": matmul_peak(torch.bfloat16, args.device)}
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, device {args.device}")
+    if args.device.startswith("cuda"):
+        machine += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
+    print(f"# MiniGPT-4 benchmark, {args.dims} dims, LLM {args.llm}\n")
+    print(f"{machine}. Measured matmul peak: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s. Started {started}.\n", flush=True)
+    report: dict = {"started": started, "machine": machine, "args": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(args).items()}, "matmul_peak_flops": peaks, "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="minigpt4-bench-") as workdir:
+        for part in args.parts:
+            rows = []
+            for spec in specs_for(args, part, workdir):
+                print(f"  {part}: {spec.name} ...", end="", flush=True, file=sys.stderr)
+                result = execute_here(spec) if args.in_process else run_variant(spec)
+                print(f" {result['wall_s']:.0f} s", file=sys.stderr, flush=True)
+                rows.append({"variant": spec.name, "switches": spec.switches.describe(),
+                             "spec": dataclasses.asdict(spec), **result})
+            add_ratios(part, rows, peaks)
+            report["parts"][part] = rows
+            print(f"## {title(part, args, rows)}\n\n{table(part, rows)}\n", flush=True)
+    output = args.output or RESULTS_DIR / f"{args.dims}-{args.device.replace(':', '')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"JSON: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Run one benchmark variant and print its result as the last stdout line (`RESULT {json}`).
+
+    python -m benchmarks.worker '<Spec as JSON>'
+
+`benchmarks.run` starts one of these per variant, so each variant's peak memory is its own. Every
+variant builds the same model from the same seed (random towers; the LLM named by the spec) and
+trains on, or answers about, the same images and texts, so losses can be compared across variants.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.spec import Spec
+
+log = logging.getLogger("benchmarks.worker")
+
+RESULT_PREFIX = "RESULT "
+# Vicuna-7B (LLaMA-7B) dimensions, for a random-weight LLM on a GPU.
+VICUNA_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+# Words for synthetic captions; lengths are set in tokens, the wording only has to look like text.
+WORDS = (
+    "a small red cat sits on the wooden table next to a blue cup while warm light comes through the open "
+    "window and two birds fly over green trees in the quiet park near an old stone bridge"
+).split()
+STAGE_LAYOUT = {
+    # layout: (shortest and longest target in tokens before truncation, end_sym, max_txt_len, prompt?)
+    "stage1": ((8, 32), "\n", 32, False),
+    "stage2": ((80, 200), "###", 160, True),
+}
+
+
+# ------------------------------------------------------------------------------------ memory, time
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process since the last `reset_peak_memory` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak-memory accounting here: model building and data preparation are left out."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        log.warning("cannot reset the peak RSS; it includes model building")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def _register_cpu_flash_flops() -> None:
+    """torch's FlopCounterMode has no formula for the CPU flash-attention kernel; count it like the GPU one."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = aten._scaled_dot_product_flash_attention_for_cpu
+    if forward in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(forward)
+    def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run `fn` once, counting matmul/conv/attention FLOPs (forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_flash_flops()
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+def tiny_llm_dir(workdir: str) -> Path:
+    """The random 2-layer LLaMA + SentencePiece tokenizer, built once per workdir."""
+    from minigpt4.testing import build_tiny_llm
+
+    path = Path(workdir) / "tiny-llm"
+    if not (path / "config.json").is_file():
+        build_tiny_llm(path)
+    return path
+
+
+def model_config(spec: Spec):
+    from minigpt4.config import ModelConfig, model_preset
+
+    cfg = model_preset("tiny") if spec.dims == "tiny" else ModelConfig()
+    if spec.dims not in ("tiny", "original"):
+        raise ValueError(f"dims={spec.dims!r}: choose tiny or original")
+    sw = spec.switches
+    cfg.device = spec.device
+    cfg.dtype = "bfloat16" if sw.bf16 else "float32"
+    cfg.attn_implementation = "sdpa" if sw.sdpa else "eager"
+    cfg.llm.attn_implementation = cfg.attn_implementation
+    return cfg
+
+
+def build(spec: Spec):
+    """The MiniGPT4 the spec describes, with towers seeded by `spec.seed` (identical across variants)."""
+    from minigpt4.model.build import build_model
+
+    cfg = model_config(spec)
+    if spec.llm == "vicuna7b":
+        return _build_with_random_llm(spec, cfg, VICUNA_7B)
+    if spec.llm == "tiny":
+        cfg.llm.path = str(tiny_llm_dir(spec.workdir))
+    elif spec.llm == "smollm2":
+        from minigpt4.embedded import prepare_smollm2
+
+        cfg.llm.path = str(prepare_smollm2())
+    else:
+        cfg.llm.path = spec.llm
+    torch.manual_seed(spec.seed)
+    return build_model(cfg)
+
+
+def _build_with_random_llm(spec: Spec, cfg, dims: dict):
+    """MiniGPT-4 around a randomly initialised LLaMA built directly on the device (no 13 GB folder).
+
+    The tokenizer is the tiny test one: lengths are set in tokens, so only token counts matter here.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from minigpt4.model.llm import DTYPES, load_tokenizer
+    from minigpt4.model.minigpt4 import MiniGPT4
+
+    dtype = DTYPES[cfg.dtype]
+    tokenizer = load_tokenizer(tiny_llm_dir(spec.workdir))
+    torch.manual_seed(spec.seed)
+    with torch.device(spec.device):
+        llm = AutoModelForCausalLM.from_config(
+            LlamaConfig(**dims), dtype=dtype, attn_implementation=cfg.llm.attn_implementation
+        )
+    llm.requires_grad_(False)
+    llm.eval()
+    llm.config.use_cache = False
+    model = MiniGPT4(cfg, llm, tokenizer)
+    model.lock()
+    return model.place(spec.device, dtype)
+
+
+def compile_model(model) -> None:
+    """torch.compile the heavy frozen modules in place (parameter names stay the same)."""
+    for module in (model.vision, model.qformer, model.llm.base_model):
+        module.compile()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def text_with_tokens(tokenizer, length: int, offset: int) -> str:
+    """Words from WORDS (starting at `offset`) until the text is `length` tokens long."""
+    words: list[str] = []
+    index = offset
+    while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < length:
+        words.append(WORDS[index % len(WORDS)])
+        index += 1
+    return " ".join(words)
+
+
+def target_lengths(batch: int, shortest: int, longest: int) -> list[int]:
+    """Evenly spread lengths, so a batch has realistic padding."""
+    if batch == 1:
+        return [longest]
+    return [round(shortest + (longest - shortest) * i / (batch - 1)) for i in range(batch)]
+
+
+def write_dataset(spec: Spec, tokenizer, root: Path, image_size: int) -> None:
+    """A cc_sbu_align-style folder of `spec.batch` drawn images and texts of set token lengths."""
+    from minigpt4.data.synthetic import draw_scene, write_stage2
+
+    (shortest, longest), *_ = STAGE_LAYOUT[spec.layout]
+    items = []
+    for i, length in enumerate(target_lengths(spec.batch, shortest, longest)):
+        image, _ = draw_scene(spec.seed * 1000 + i, size=image_size)
+        items.append((f"{i:05d}", image, text_with_tokens(tokenizer, length, offset=7 * i)))
+    write_stage2(root, items)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def run_train(spec: Spec, model, scratch: Path) -> dict:
+    """Time training steps of the spec's layout; report throughput, loss, memory and FLOPs."""
+    from minigpt4.config import TrainConfig
+    from minigpt4.data.aligned import stage2_batches
+    from minigpt4.data.prompts import load_prompts
+    from minigpt4.feature_cache import FeatureCache, build_cache, feature_batches
+    from minigpt4.processing.image import eval_transform
+    from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, layout_batch
+    from minigpt4.train.optim import build_optimizer
+
+    sw = spec.switches
+    device = model.device
+    size = model.config.vision.image_size
+    transform = eval_transform(size)
+    root = scratch / "data"
+    write_dataset(spec, model.tokenizer, root, size)
+    _, end_sym, max_txt_len, with_prompt = STAGE_LAYOUT[spec.layout]
+    prompt = load_prompts(None, VICUNA_V0_TEMPLATE)[0] if with_prompt else None
+
+    cache_build_s = None
+    if sw.cache:
+        _, cache_build_s = timed(device, lambda: build_cache(model, [("aligned", str(root))], scratch / "cache",
+                                                             transform, views=1, batch_size=spec.batch))
+        batch = next(feature_batches(FeatureCache(scratch / "cache", model, transform), spec.batch, seed=spec.seed))
+        inputs = batch["features"].to(device)
+    else:
+        batch = next(stage2_batches(str(root), transform, spec.batch, seed=spec.seed))
+        inputs = batch["image"].to(device)
+    layout = layout_batch(model.tokenizer, batch["text"], model.num_image_tokens, prompt, end_sym, max_txt_len)
+    layout = layout.to(device)
+    tokens = int(layout.attention_mask.sum())  # LLM input positions incl. image, excl. padding
+    if sw.compile:
+        compile_model(model)
+    model.train()
+    optimizer = build_optimizer(model, TrainConfig())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sw.bf16)
+
+    def step() -> float:
+        # The training loop's step (minigpt4.train.loop.CaptionLoss), with the switches spelled out.
+        with autocast:
+            image_embeds = model.project(inputs) if sw.cache else model.encode_images(inputs)
+            loss = model.lm_loss(model.embed(layout, image_embeds), layout.attention_mask, layout.labels,
+                                 length_buckets=sw.length_buckets, full_logits=not sw.target_logits)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    reset_peak_memory(device)
+    losses: list[float] = []
+    flops = None
+    for index in range(spec.warmup):
+        if index == 0 and not sw.compile:
+            loss, flops = count_flops(step)
+        else:
+            loss = step()
+        losses.append(loss)
+    times = []
+    for _ in range(spec.steps):
+        loss, seconds = timed(device, step)
+        losses.append(loss)
+        times.append(seconds)
+    step_s = sum(times) / len(times)
+    return {
+        "tokens_per_step": tokens,
+        "padded_positions": int(layout.attention_mask.numel()),
+        "step_s": step_s,
+        "step_times": times,
+        "tokens_per_s": tokens / step_s,
+        "samples_per_s": spec.batch / step_s,
+        "loss": losses[0],  # the first step: same weights, same batch in every variant
+        "losses": losses,
+        "flops_per_step": flops,
+        "flops_per_s": flops / step_s if flops else None,
+        "compute_dtype": "bfloat16" if sw.bf16 else "float32",
+        "cache_build_s": cache_build_s,
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+
+
+# ------------------------------------------------------------------------------------ chat
+
+
+def run_chat(spec: Spec, model, scratch: Path) -> dict:
+    """Time to first token (image encoding + prefill) and decode tokens/s through minigpt4.chat."""
+    from transformers import GenerationConfig
+
+    from minigpt4.chat.generation import encode_images, prepare_inputs
+    from minigpt4.chat.templates import Message, get_template
+    from minigpt4.data.synthetic import draw_scene
+    from minigpt4.processing.image import eval_transform
+    from minigpt4.processing.prompt import pad_token_id
+
+    sw = spec.switches
+    device = model.device
+    size = model.config.vision.image_size
+    image = eval_transform(size)(draw_scene(spec.seed, size=size)[0])
+    prompt = get_template("vicuna_v0", model.tokenizer).render([Message("user", "Describe this image in detail.", images=1)])
+    prompts, images = [prompt] * sw.gen_batch, [[image]] * sw.gen_batch
+
+    def decode(prepared, tokens: int) -> torch.Tensor:
+        # A fixed answer length (min = max), so every variant decodes the same number of tokens.
+        config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                  use_cache=sw.kv_cache, pad_token_id=pad_token_id(model.tokenizer),
+                                  eos_token_id=model.tokenizer.eos_token_id)
+        return model.llm.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                                  generation_config=config)
+
+    def first_token():
+        prepared = prepare_inputs(model, prompts, encode_images(model, images))
+        decode(prepared, 1)
+        return prepared
+
+    with torch.inference_mode():
+        for _ in range(spec.warmup):
+            decode(first_token(), 2)
+        reset_peak_memory(device)
+        ttfts, prefills, fulls = [], [], []
+        for _ in range(spec.steps):
+            prepared, ttft = timed(device, first_token)
+            _, prefill = timed(device, lambda: decode(prepared, 1))
+            _, full = timed(device, lambda: decode(prepared, spec.new_tokens))
+            ttfts.append(ttft)
+            prefills.append(prefill)
+            fulls.append(full)
+    ttft = sum(ttfts) / len(ttfts)
+    decode_s = (sum(fulls) - sum(prefills)) / len(fulls)  # the N-1 tokens after the first
+    rows = sw.gen_batch
+    return {
+        "prompt_tokens": prepared.prompt_tokens[0],
+        "new_tokens": spec.new_tokens,
+        "ttft_s": ttft,
+        "prefill_s": sum(prefills) / len(prefills),
+        "decode_tok_s": rows * (spec.new_tokens - 1) / decode_s,  # all rows together
+        "answer_s": ttft + decode_s,
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def execute(spec: Spec) -> dict:
+    """Build the spec's model, run its measurement, return the figures."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-", dir=spec.workdir or None) as scratch:
+        model, build_s = timed(torch.device(spec.device), lambda: build(spec))
+        runner = run_train if spec.task == "train" else run_chat
+        result = runner(spec, model, Path(scratch))
+    result.update(build_s=build_s, peak_process_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  threads=torch.get_num_threads())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m benchmarks.worker '<Spec JSON>'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("minigpt4.model.build").setLevel(logging.ERROR)  # "towers are RANDOM" is the point here
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = execute(Spec.from_json(argv[0]))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Speed switches keep the loss, and the benchmark entry point runs (tiny dims, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, layout_batch
+
+
+def _tiny_job(tmp_path, tiny_llm_dir, aligned, **extra):
+    from minigpt4.config import train_config
+
+    overrides = {
+        "preset": "tiny", "model.llm.path": str(tiny_llm_dir), "model.vision.image_size": 56,
+        "data.datasets": json.dumps([{"kind": "aligned", "path": str(aligned)}]), "data.batch_size": 4,
+        "data.num_workers": 0, "data.augment": "false", "data.prompts": "default",
+        "data.prompt_template": f"'{VICUNA_V0_TEMPLATE}'", "data.end_sym": "'###'", "data.max_txt_len": 160,
+        "train.epochs": 1, "train.iters_per_epoch": 1, "train.precision": "fp32", "train.tensorboard": "false",
+        "train.output_dir": str(tmp_path / "run"), "train.warmup_steps": 1, **extra,
+    }
+    return train_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture
+def aligned_folder(tmp_path):
+    """4 drawn images with descriptions of different lengths (a cc_sbu_align-style folder)."""
+    from minigpt4.data.synthetic import draw_scene, write_stage2
+
+    items = []
+    for i in range(4):
+        image, scene = draw_scene(i, size=64)
+        items.append((f"{i:03d}", image, " ".join([scene.description()] * (i + 1))))
+    write_stage2(tmp_path / "aligned", items)
+    return tmp_path / "aligned"
+
+
+def test_cached_and_uncached_training_give_the_same_loss(tmp_path, tiny_llm_dir, aligned_folder):
+    """`train()` from the frozen-feature cache computes the loss of the same batch as from pixels."""
+    from minigpt4.feature_cache import build_cache, data_transform
+    from minigpt4.model.build import build_model
+    from minigpt4.train.loop import train
+
+    uncached = _tiny_job(tmp_path / "pixels", tiny_llm_dir, aligned_folder)
+    from_pixels = train(uncached)
+
+    # The cache is made by the same frozen towers the training run builds (same seed -> same weights).
+    torch.manual_seed(uncached.train.seed)
+    model = build_model(uncached.model)
+    build_cache(model, [("aligned", str(aligned_folder))], tmp_path / "cache", data_transform(uncached), batch_size=4)
+    cached = _tiny_job(tmp_path / "features", tiny_llm_dir, aligned_folder, **{"data.feature_cache": tmp_path / "cache"})
+    from_cache = train(cached)
+
+    # One batch = the whole folder in both runs, so both losses are means over the same target tokens;
+    # the cache stores fp16, hence the tolerance.
+    assert from_pixels.final_loss > 1.0
+    assert from_cache.final_loss == pytest.approx(from_pixels.final_loss, rel=1e-3)
+
+
+def test_length_buckets_and_full_logits_keep_loss_and_gradient(tiny_model):
+    """Bucketing (padding not computed) and the full-logits baseline give the loss and gradient of the plain path."""
+    texts = ["a cat", "a red circle on a white background " * 6, "the dog runs in the park", "a photo"]
+    prompt = VICUNA_V0_TEMPLATE.format("<Img><ImageHere></Img> Describe this image in detail.")
+    batch = layout_batch(tiny_model.tokenizer, texts, tiny_model.num_image_tokens, prompt, "###", 160)
+    assert (batch.attention_mask == 0).any(), "the batch must hold padding for bucketing to matter"
+    features = torch.randn(len(texts), tiny_model.num_image_tokens, tiny_model.config.qformer.hidden_size)
+
+    def loss_and_grad(**switches):
+        tiny_model.proj.weight.grad = None
+        loss = tiny_model.lm_loss(tiny_model.embed(batch, tiny_model.project(features)), batch.attention_mask,
+                                  batch.labels, **switches)
+        loss.backward()
+        return loss.detach(), tiny_model.proj.weight.grad.clone()
+
+    plain_loss, plain_grad = loss_and_grad()
+    for switches in ({"length_buckets": 2}, {"length_buckets": 4}, {"length_buckets": 9}, {"full_logits": True},
+                     {"length_buckets": 3, "full_logits": True}):
+        loss, grad = loss_and_grad(**switches)
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6, msg=f"loss with {switches}")
+        torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-6, msg=f"gradient with {switches}")
+    with pytest.raises(ValueError, match="length_buckets=0"):
+        tiny_model.lm_loss(tiny_model.embed(batch, tiny_model.project(features)), batch.attention_mask, batch.labels,
+                           length_buckets=0)
+
+
+def test_benchmark_entry_point_smoke(tmp_path, capsys):
+    """`python -m benchmarks.run` at tiny dims: tables with ratios to the baseline, and the JSON file."""
+    from benchmarks.run import main
+
+    output = tmp_path / "bench.json"
+    assert main(["--parts", "stage2", "chat", "--variants", "baseline,fast+cache", "--chat-variants",
+                 "baseline,fast", "--batch-stage2", "2", "--steps", "1", "--new-tokens", "3", "--threads", "1",
+                 "--in-process", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "| fast+cache |" in printed and "| TTFT s |" in printed
+    report = json.loads(output.read_text())
+    train_rows = {r["variant"]: r for r in report["parts"]["stage2"]}
+    assert train_rows["baseline"]["speedup"] == 1.0
+    assert train_rows["fast+cache"]["cache_build_s"] is not None
+    assert train_rows["baseline"]["flops_per_step"] > train_rows["fast+cache"]["flops_per_step"] > 0
+    # bf16, the fp16 cache and bucketing move the loss only a little on the same batch
+    assert train_rows["fast+cache"]["loss_rel_diff"] < 0.01
+    chat_rows = {r["variant"]: r for r in report["parts"]["chat"]}
+    assert chat_rows["fast"]["decode_tok_s"] > 0 and chat_rows["baseline"]["ttft_ratio"] == 1.0
