@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minigpt4.config import ConfigError, train_config
+    from minigpt4.convert import CheckpointError
     from minigpt4.train.loop import TrainingDiverged, train
 
     if os.environ.get("RANK", "0") != "0":
@@ -25,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
     except ConfigError as err:
         print(f"config error: {err}")
+        return 2
+    except (FileNotFoundError, CheckpointError) as err:  # a path in the config that does not lead to usable input
+        print(f"error: {err}")
         return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}")
