@@ -95,6 +95,14 @@ def test_caption_folder_and_shards_resumable(tiny_llm_dir, photo, tmp_path, caps
     assert "1 captioned, 3 already done" in capsys.readouterr().err
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
 
+    # A list file names inputs too; a missing entry is skipped and counted.
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# photos\n{folder / 'a.png'}\n{tmp_path / 'gone.png'}\n")
+    other = tmp_path / "other.jsonl"
+    assert main(["caption", "-o", str(other), "--max-new-tokens", "4", f"@{listing}", f"llm.path={tiny_llm_dir}"]) == 0
+    assert "1 captioned, 0 already done, 1 skipped" in capsys.readouterr().err
+    assert json.loads(other.read_text())["caption"] == records[0]["caption"]
+
 
 @pytest.mark.parametrize("command", ["chat", "caption", "demo"])
 def test_help(command, capsys):

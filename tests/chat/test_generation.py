@@ -135,3 +135,30 @@ def test_closing_a_stream_stops_generation(bigram_model, pixels):
         hook.remove()
     assert first == "###"
     assert len(calls) < 50  # the generation thread stopped soon after, not at 500 tokens
+
+
+def test_new_tokens_are_found_whatever_generate_puts_in_front(tiny_model, pixels):
+    """transformers 5 returns only new ids for `inputs_embeds`; older versions (and callers passing
+    `input_ids` too) put the prompt in front. The stopping criterion's probe handles both."""
+    from transformers import StoppingCriteriaList
+
+    from minigpt4.chat.generation import StopCriteria, _generation_config, prepare_inputs
+    from minigpt4.processing.prompt import collate_layouts, pad_token_id
+
+    prompt = "<Img><ImageHere></Img> describe the image"
+    reference = generate(tiny_model, [prompt], [[pixels]], GREEDY)[0]
+    with torch.inference_mode():
+        embeds = tiny_model.encode_images(pixels.unsqueeze(0))
+        prepared = prepare_inputs(tiny_model, [prompt], [embeds])
+        laid = layout_sample(tiny_model.tokenizer, prompt, tiny_model.num_image_tokens)
+        ids = collate_layouts([laid], pad_token_id(tiny_model.tokenizer), "left").input_ids
+        for input_ids, prefix in ((None, 0), (ids, ids.shape[1])):
+            criteria = StopCriteria(tiny_model.tokenizer, [])
+            config = _generation_config(tiny_model, GREEDY, GREEDY.max_new_tokens, [tiny_model.tokenizer.eos_token_id])
+            sequences = tiny_model.llm.generate(
+                input_ids, inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                generation_config=config, stopping_criteria=StoppingCriteriaList([criteria]),
+            )
+            assert criteria.prefix_length == prefix
+            new = sequences[0, criteria.prefix_length:].tolist()
+            assert tiny_model.tokenizer.decode(new, skip_special_tokens=True).strip() == reference.text

@@ -112,3 +112,16 @@ def test_closing_a_chat_stream_keeps_the_shown_part(tiny_model, photo):
     assert chat.messages[-1].text == shown.strip()
     chat.ask("Next?")  # the conversation goes on normally
     assert chat.prompt().endswith("###Human: Next?###Assistant:")
+
+
+def test_a_question_too_long_for_the_context_is_an_error_and_can_be_withdrawn(tiny_model, photo):
+    chat = Chat(tiny_model, eval_transform(tiny_model.config.vision.image_size))
+    chat.upload(photo)
+    before = chat.prompt()
+    chat.ask("describe the image " * 100)
+    with pytest.raises(ValueError, match="the last message alone needs"):
+        chat.answer(max_context=200, max_new_tokens=10)
+    chat.withdraw_question()
+    assert chat.prompt() == before  # the image stays, the question is gone
+    chat.ask(QUESTION)
+    assert chat.answer(do_sample=False, max_context=200, max_new_tokens=3) is not None

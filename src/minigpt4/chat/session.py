@@ -92,6 +92,14 @@ class Chat:
         pending = self._pending_user()
         pending.text = f"{pending.text} {text}" if pending.text else text
 
+    def withdraw_question(self) -> None:
+        """Remove the unanswered question's text (its images stay), e.g. after it did not fit the context."""
+        if self.messages and self.messages[-1].role == "user":
+            if self.messages[-1].images:
+                self.messages[-1].text = ""
+            else:
+                self.messages.pop()
+
     def _pending_user(self) -> Message:
         if not self.messages or self.messages[-1].role == "assistant":
             self.messages.append(Message("user"))

@@ -27,8 +27,8 @@ DEFAULT_PROMPT = "Describe this image in detail."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="+", metavar="PATH | KEY=VALUE",
-        help="image files, folders (searched recursively) or webdataset shards (.tar, brace patterns); "
-             "section.key=value items override the model config",
+        help="image files, folders (searched recursively), webdataset shards (.tar, brace patterns) or @LIST "
+             "(a text file with one such path per line); section.key=value items override the model config",
     )
     parser.add_argument("-o", "--output", type=Path, default=Path("captions.jsonl"),
                         help="JSON lines out; keys already in it are skipped (default: captions.jsonl)")
@@ -58,7 +58,14 @@ def iter_items(inputs: list[str], skipped: list[str]) -> Iterator[Item]:
 
     for spec in inputs:
         path = Path(spec)
-        if path.is_dir():
+        if spec.startswith("@"):
+            listing = Path(spec[1:])
+            if not listing.is_file():
+                skipped.append(f"{spec}: no such list file")
+                continue
+            lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+            yield from iter_items([line for line in lines if line and not line.startswith("#")], skipped)
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 skipped.append(f"{spec}: no image files in this folder")

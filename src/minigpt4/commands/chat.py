@@ -68,7 +68,11 @@ def _interactive(chat, stream: bool) -> int:
             continue
         chat.ask(line)
         print("minigpt4> ", end="", flush=True)
-        _say(chat, stream)
+        try:
+            _say(chat, stream)
+        except ValueError as err:  # e.g. the question alone does not fit max_context
+            chat.withdraw_question()
+            print(f"\nerror: {err}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,5 +102,9 @@ def run(args: argparse.Namespace) -> int:
     if not question:
         return _interactive(chat, stream=not args.no_stream)
     chat.ask(question)
-    _say(chat, stream=not args.no_stream)
+    try:
+        _say(chat, stream=not args.no_stream)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

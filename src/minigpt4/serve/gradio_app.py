@@ -161,16 +161,21 @@ def build_demo(
 
     def on_answer(ready: bool, history: list, beams: float, temperature: float, sample: bool, request: gr.Request):
         if not ready:
-            yield history
+            yield history, gr.update()
             return
         chat = sessions.get(request.session_hash)
         history = history + [{"role": "assistant", "content": ""}]
-        for piece in chat.stream(num_beams=int(beams), temperature=float(temperature), do_sample=bool(sample)):
-            history[-1]["content"] += piece
-            yield history
+        try:
+            for piece in chat.stream(num_beams=int(beams), temperature=float(temperature), do_sample=bool(sample)):
+                history[-1]["content"] += piece
+                yield history, gr.update()
+        except ValueError as err:  # the question does not fit the context even after dropping old turns
+            chat.withdraw_question()
+            yield history[:-2], _status(f"{err}. Press Restart to begin a new conversation.", error=True)
+            return
         if not history[-1]["content"]:
             history[-1]["content"] = "(empty answer)"
-        yield history
+        yield history, gr.update()
 
     def on_restart(request: gr.Request):
         sessions.drop(request.session_hash)
@@ -199,7 +204,7 @@ def build_demo(
 
         upload.change(on_image, [upload, chatbot], [upload, preview, chatbot, status])
         question.submit(on_ask, [question, chatbot], [question, chatbot, status, ready]).then(
-            on_answer, [ready, chatbot, beams, temperature, sample], [chatbot]
+            on_answer, [ready, chatbot, beams, temperature, sample], [chatbot, status]
         )
         restart.click(on_restart, None, [upload, preview, chatbot, question, status], queue=False)
     return demo
