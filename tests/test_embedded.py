@@ -134,12 +134,14 @@ def test_feature_cache_roundtrip_and_staleness(tmp_path, tiny_model):
     (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
     transform = eval_transform(224)
     count, skipped = build_cache(
-        tiny_model, [("webdataset", data.stage1_shards), ("aligned", str(data.stage2_root))], tmp_path / "cache", transform, batch_size=4
+        tiny_model, [("webdataset", data.stage1_shards), ("aligned", str(data.stage2_root))], tmp_path / "cache",
+        transform, batch_size=4
     )
     assert count == 11 and [s.key for s in skipped] == ["shape5"]
     cache = FeatureCache(tmp_path / "cache", tiny_model, transform)
     sample = cache.datasets[1][0]
-    expected = tiny_model.frozen_features(transform(Image.open(data.stage2_root / "image" / f"{sample.key}.jpg")).unsqueeze(0))
+    image = Image.open(data.stage2_root / "image" / f"{sample.key}.jpg")
+    expected = tiny_model.frozen_features(transform(image).unsqueeze(0))
     assert torch.allclose(cache.features(sample, 0).float(), expected[0], atol=2e-2)
 
     batches = feature_batches(cache, 2, seed=3, ratios=[1.0, 1.0])

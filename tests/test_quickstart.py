@@ -14,7 +14,8 @@ import pytest
 def test_quickstart_fast_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "minigpt4.cli", "quickstart", "--fast", "--output", str(tmp_path / "qs"), "--threads", "1"],
+        [sys.executable, "-m", "minigpt4.cli", "quickstart", "--fast", "--output", str(tmp_path / "qs"),
+         "--threads", "1"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minigpt4.data.synthetic import COLOURS, PLURALS, SHAPES
 from minigpt4.chat.generation import GenerationSettings, generate
+from minigpt4.data.synthetic import COLOURS, PLURALS, SHAPES
 from minigpt4.processing.image import eval_transform, load_image
 from minigpt4.processing.prompt import IMAGE_PLACEHOLDER
 
@@ -91,7 +91,7 @@ def evaluate_heldout(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             pixels = torch.stack([transform(load_image(heldout_json.parent / r["image"])) for r in chunk])
-            for record, text in zip(chunk, describe(model, pixels, prompt, max_new_tokens)):
+            for record, text in zip(chunk, describe(model, pixels, prompt, max_new_tokens), strict=True):
                 score.add(record["colour"], record["shape"], text)
     finally:
         model.train(was_training)

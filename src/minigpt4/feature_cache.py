@@ -20,9 +20,9 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -110,6 +110,29 @@ def iterate_source(kind: str, path: str, process_captions: bool) -> Iterator[tup
             yield key, image, process_caption(caption) if process_captions else caption
 
 
+class _ShardWriter:
+    """Collects tensors and writes them `shard_size` at a time as features-NNNNN.safetensors."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.index = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        """Store `tensor` under `name`; returns the file name of the shard it goes to."""
+        shard = f"features-{self.index:05d}.safetensors"
+        self.tensors[name] = tensor.clone()
+        if len(self.tensors) >= self.shard_size:
+            self.close()
+        return shard
+
+    def close(self) -> None:
+        if self.tensors:
+            save_file(self.tensors, str(self.folder / f"features-{self.index:05d}.safetensors"))
+            self.tensors = {}
+            self.index += 1
+
+
 @torch.no_grad()
 def build_cache(
     model,
@@ -135,35 +158,23 @@ def build_cache(
     torch.manual_seed(seed)  # the random crops of a training transform come from torch's RNG
     skipped: list[Skipped] = []
     datasets = []
-    shard_tensors: dict[str, torch.Tensor] = {}
-    shard_index = 0
+    writer = _ShardWriter(output, shard_size)
     feature_shape: list[int] = []
 
-    def flush() -> None:
-        nonlocal shard_tensors, shard_index
-        if shard_tensors:
-            save_file(shard_tensors, str(output / f"features-{shard_index:05d}.safetensors"))
-            shard_tensors = {}
-            shard_index += 1
+    def encode(index: int, pending: list[tuple[str, torch.Tensor, str]], records: list[dict]) -> None:
+        pixels = torch.stack([p for _, p, _ in pending])  # (B*views, 3, H, W)
+        feats = model.frozen_features(pixels).to(torch.float16).cpu()  # (B*views, N, C)
+        feats = feats.view(len(pending) // views, views, *feats.shape[1:])  # (B, views, N, C)
+        for row, (key, _, text) in enumerate(pending[::views]):
+            cache_id = f"{index}/{key}"
+            records.append({"id": cache_id, "key": key, "text": text, "shard": writer.add(cache_id, feats[row])})
+        feature_shape[:] = list(feats.shape[2:])
+        if progress is not None:
+            progress(len(pending) // views)
 
     for index, (kind, path) in enumerate(sources):
         records: list[dict] = []
         pending: list[tuple[str, torch.Tensor, str]] = []
-
-        def encode(pending: list[tuple[str, torch.Tensor, str]]) -> None:
-            pixels = torch.stack([p for _, p, _ in pending])  # (B*views, 3, H, W)
-            feats = model.frozen_features(pixels).to(torch.float16).cpu()  # (B*views, N, C)
-            feats = feats.view(len(pending) // views, views, *feats.shape[1:])  # (B, views, N, C)
-            for row, (key, _, text) in enumerate(pending[::views]):
-                cache_id = f"{index}/{key}"
-                shard_tensors[cache_id] = feats[row].clone()
-                records.append({"id": cache_id, "key": key, "text": text, "shard": f"features-{shard_index:05d}.safetensors"})
-                if len(shard_tensors) >= shard_size:
-                    flush()
-            feature_shape[:] = list(feats.shape[2:])
-            if progress is not None:
-                progress(len(pending) // views)
-
         for item in iterate_source(kind, path, process_captions if kind == "webdataset" else False):
             if isinstance(item, Skipped):
                 skipped.append(item)
@@ -176,12 +187,12 @@ def build_cache(
                 continue
             pending += [(key, transform(image), text) for _ in range(views)]
             if len(pending) >= batch_size * views:
-                encode(pending)
+                encode(index, pending, records)
                 pending = []
         if pending:
-            encode(pending)
+            encode(index, pending, records)
         datasets.append({"kind": kind, "path": str(path), "samples": records})
-    flush()
+    writer.close()
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint(model, transform),
@@ -210,18 +221,21 @@ class FeatureCache:
             )
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise StaleCacheError(f"{manifest_path}: unsupported format_version {self.manifest.get('format_version')!r}")
+            version = self.manifest.get("format_version")
+            raise StaleCacheError(f"{manifest_path}: unsupported format_version {version!r}")
         if model is not None and transform is not None:
             expected = fingerprint(model, transform)
             if self.manifest["fingerprint"] != expected:
                 raise StaleCacheError(
                     f"the feature cache {self.path} was made with other frozen weights or another image transform "
                     f"(cache {self.manifest['fingerprint']}, this run {expected}; cache transform "
-                    f"{self.manifest['transform']}). Rebuild it with `minigpt4 cache-features`, or unset data.feature_cache."
+                    f"{self.manifest['transform']}). Rebuild it with `minigpt4 cache-features`, "
+                    "or unset data.feature_cache."
                 )
         self.views: int = self.manifest["views"]
         self.datasets: list[list[CachedSample]] = [
-            [CachedSample(s["id"], s["key"], s["text"], s["shard"]) for s in d["samples"]] for d in self.manifest["datasets"]
+            [CachedSample(s["id"], s["key"], s["text"], s["shard"]) for s in d["samples"]]
+            for d in self.manifest["datasets"]
         ]
         self._handles: dict[str, object] = {}
 
@@ -257,7 +271,8 @@ def feature_batches(
     for index, samples in enumerate(datasets):
         if len(samples) // world_size < batch_size:
             raise ValueError(
-                f"cached dataset {index} has {len(samples)} samples: too few for batch_size={batch_size} x {world_size} processes"
+                f"cached dataset {index} has {len(samples)} samples: too few for "
+                f"batch_size={batch_size} x {world_size} processes"
             )
 
     def epochs(index: int) -> Iterator[tuple[int, int]]:
@@ -281,7 +296,7 @@ def feature_batches(
         chosen = [next(streams[index]) for _ in range(batch_size)]
         if produced >= start_batch:
             samples = [datasets[index][i] for i, _ in chosen]
-            feats = torch.stack([cache.features(s, view) for s, (_, view) in zip(samples, chosen)]).float()
+            feats = torch.stack([cache.features(s, view) for s, (_, view) in zip(samples, chosen, strict=True)]).float()
             yield {"features": feats, "text": [s.text for s in samples], "key": [s.key for s in samples], "skipped": []}
         produced += 1
 
@@ -297,7 +312,8 @@ def cached_batches(cfg, model, *, rank: int = 0, world_size: int = 1, start_batc
     wanted = [(d.kind, d.path) for d in cfg.data.datasets]
     if cached != wanted:
         raise StaleCacheError(
-            f"data.feature_cache={cfg.data.feature_cache!r} holds the datasets {cached}, but data.datasets is {wanted}; "
+            f"data.feature_cache={cfg.data.feature_cache!r} holds the datasets {cached}, "
+            f"but data.datasets is {wanted}; "
             "rebuild the cache with `minigpt4 cache-features` for this config"
         )
     return feature_batches(

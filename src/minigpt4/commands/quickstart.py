@@ -49,7 +49,8 @@ FAST = Plan(stage1_images=96, stage2_images=48, heldout_images=12, stage1_steps=
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fast", action="store_true", help="a short run (CI smoke test); does not reach the accuracy target")
+    parser.add_argument("--fast", action="store_true",
+                        help="a short run (CI smoke test); does not reach the accuracy target")
     parser.add_argument("--output", type=Path, default=Path("quickstart"), help="where data, checkpoints and logs go")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for feature caching and training")
     parser.add_argument("--seed", type=int, default=0)
@@ -166,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     t = lap("prepare", t)
 
     # ---- 2. data
-    print(f"[2/7] drawing {plan.stage1_images} stage-1 + {plan.stage2_images} stage-2 + {plan.heldout_images} held-out images")
+    print(f"[2/7] drawing {plan.stage1_images} stage-1 + {plan.stage2_images} stage-2 + "
+          f"{plan.heldout_images} held-out images")
     data = synthetic.generate(out / "data", plan.stage1_images, plan.stage2_images, plan.heldout_images, seed=args.seed)
     prompts = out / "data" / "stage2_prompts.txt"
     prompts.write_text("\n".join(STAGE2_PROMPTS) + "\n")
@@ -174,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
 
     stage1_sets = [{"kind": "webdataset", "path": data.stage1_shards, "ratio": 1.0}]
     stage2_sets = [{"kind": "aligned", "path": str(data.stage2_root), "ratio": 1.0}]
-    raw1 = job_config(None, stage1_sets, out / "stage1", plan, 1, args.seed, args.device, out / "cache" / "stage1", None)
+    raw1 = job_config(None, stage1_sets, out / "stage1", plan, 1, args.seed, args.device, out / "cache" / "stage1",
+                      None)
     raw1["model"]["llm"] = {"path": str(llm_dir)}
     _write_yaml(out / "stage1.yaml", raw1, yaml)
     cfg1 = train_config(out / "stage1.yaml")
@@ -240,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "heldout": {"images": score.total, "colour_and_shape": score.both_right, "colour": score.colour_right,
                     "shape": score.shape_right, "accuracy": score.accuracy, "examples": score.examples[:8]},
         "chat": {"image": str(image_path), "truth": f"{record['colour']} {record['shape']}",
-                 "turns": list(zip(questions, answers))},
+                 "turns": list(zip(questions, answers, strict=True))},
         "model": str(final_model),
         "loss_curve": str(curve),
     }
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     for truth, text in score.examples[:4]:
         print(f"    drawn: {truth:<16} model: {text!r}")
     print(f"  chat about {image_path.name} (drawn: {record['colour']} {record['shape']}):")
-    for question, answer in zip(questions, answers):
+    for question, answer in zip(questions, answers, strict=True):
         print(f"    user: {question}\n    model: {answer}")
     print(f"  model (save_pretrained folder): {final_model}")
     print(f"  checkpoints: {result1.checkpoint}, {result2.checkpoint}")

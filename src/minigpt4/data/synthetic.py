@@ -69,7 +69,8 @@ class Scene:
     def description(self) -> str:
         """The longer stage-2 description; it starts with the caption so both stages agree."""
         if self.count == 1:
-            where = "in the centre of the image" if self.position == "centre" else f"in the {self.position} of the image"
+            where = "in the centre" if self.position == "centre" else f"in the {self.position}"
+            where += " of the image"
             first = f"A {self.colour} {self.shape} {where}"
         else:
             first = f"{COUNT_WORDS[self.count].capitalize()} {self.colour} {PLURALS[self.shape]} spread over the image"
@@ -105,7 +106,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
             pts.append((rad * math.cos(a), rad * math.sin(a)))
     elif shape == "cross":
         t = 0.33
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),
+               (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     c, s = math.cos(angle), math.sin(angle)
@@ -221,8 +223,10 @@ def write_stage1(root: Path, items: list[tuple[str, Image.Image, str]], shard_si
     for shard in range(num_shards):
         with wds.TarWriter(str(root / f"{shard:05d}.tar")) as sink:
             for key, image, caption in items[shard * shard_size : (shard + 1) * shard_size]:
-                meta = {"caption": caption, "key": key, "status": "success", "width": image.width, "height": image.height}
-                sink.write({"__key__": key, "jpg": _jpeg(image), "json": json.dumps(meta).encode(), "txt": caption.encode()})
+                meta = {"caption": caption, "key": key, "status": "success",
+                        "width": image.width, "height": image.height}
+                sink.write({"__key__": key, "jpg": _jpeg(image), "json": json.dumps(meta).encode(),
+                            "txt": caption.encode()})
     last = num_shards - 1
     return str(root / ("00000.tar" if last == 0 else f"{{00000..{last:05d}}}.tar"))
 

@@ -49,7 +49,8 @@ class EfficientNetLiteTower(nn.Module):
         super().__init__()
         if cfg.image_size != 224:
             raise ValueError(
-                f"vision.image_size={cfg.image_size}: EfficientNet-Lite0 was trained at 224 px; set vision.image_size=224"
+                f"vision.image_size={cfg.image_size}: EfficientNet-Lite0 was trained at 224 px; "
+                "set vision.image_size=224"
             )
         self.image_size = cfg.image_size
         self.net = _efficientnet_class().from_name(MODEL_NAME)
