@@ -148,6 +148,8 @@ def check_config(cfg: TrainJobConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
+    if cfg.data.max_txt_len < 1:
+        raise ConfigError(f"data.max_txt_len={cfg.data.max_txt_len} must be at least 1 (no target, no loss)")
     if t.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); on CPU use train.precision=bf16 or fp32")
 
@@ -288,12 +290,9 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # ---- data: `grad_accum` micro-batches; bad samples the loader skipped are counted here
+            # ---- data: `grad_accum` micro-batches; the bad samples the loader skipped (and logged) are counted
             micro = [next(batches) for _ in range(t.grad_accum)]
-            for batch in micro:
-                for bad in batch["skipped"]:
-                    log.warning("skipped sample %s in %s: %s", bad.key, bad.source, bad.reason)
-                    skip_reasons[bad.reason.split(":")[0]] += 1
+            skip_reasons.update(bad.reason.split(":")[0] for batch in micro for bad in batch["skipped"])
             layouts = []
             for index, batch in enumerate(micro):
                 # One prompt per micro-batch, as the original; drawn from (seed, rank, batch index)
