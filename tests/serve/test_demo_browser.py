@@ -106,7 +106,10 @@ def test_demo_in_a_browser(demo_url, page, photo, tmp_path):
     )
     assert "###" not in page.locator("#chatbot").inner_text()
 
-    # Restart clears the conversation.
+    # Restart clears the conversation; an example photo starts a new one.
     page.locator("#restart").click()
     _status_contains(page, "Conversation cleared")
     page.wait_for_function("() => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length === 0")
+    page.get_by_text("astronaut.png").first.click()
+    _status_contains(page, "Image received")
+    assert "[image: astronaut.png]" in page.locator("#chatbot").inner_text()
