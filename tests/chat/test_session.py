@@ -42,7 +42,20 @@ def test_greedy_chat_equals_a_handwritten_loop(tiny_model, pixels, photo):
     chat.ask(QUESTION)
     prompt = chat.prompt()
     assert prompt == f"{DEFAULT_SYSTEM}###Human: <Img><ImageHere></Img> {QUESTION}###Assistant:"
-    answer = chat.answer(do_sample=False, max_new_tokens=24)
+    steps = []
+
+    def record(module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        steps.append((None if ids is None else ids.shape[1], cache is not None))
+
+    hook = tiny_model.llm.register_forward_hook(record, with_kwargs=True)
+    try:
+        answer = chat.answer(do_sample=False, max_new_tokens=24)
+    finally:
+        hook.remove()
+    # One prefill over the embeddings, then one token per step on the KV cache.
+    assert steps[0][0] in (None, 0) and all(step == (1, True) for step in steps[1:])
     expected = handwritten_greedy(tiny_model, pixels, prompt, 24, "###")
     text = tiny_model.tokenizer.decode(expected, skip_special_tokens=True).split("###")[0].strip()
     assert answer == text
