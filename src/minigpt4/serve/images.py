@@ -93,8 +93,9 @@ def decode_image(data: bytes, label: str, param: str, max_pixels: int) -> Image.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
             image = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except Image.DecompressionBombError as err:
-        raise _bad(label, param, f"too many pixels ({err}); the limit is max_image_pixels={max_pixels}",
-                   code="image_too_large") from None
+        # Pillow's own bomb check fires while reading the header, before ours can see the size.
+        raise _bad(label, param, f"the header declares far more pixels than the limit max_image_pixels={max_pixels} "
+                   f"(Pillow: {err})", code="image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise _bad(label, param, f"not a readable PNG, JPEG or WebP image ({err})") from None
     width, height = image.size
