@@ -19,8 +19,8 @@ STEPS = 6
 
 
 def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_path):
-    # One shard, no shuffle buffer: rank r reads samples r, r+2, ..., so the two ranks' batches of 4 together
-    # hold exactly the samples of the single process's batch of 8 (augmentations are seeded per sample).
+    # One shard, no shuffle buffer: rank r reads samples r, r+2, ..., so what the two ranks read for one step
+    # is exactly the single process's batch of 8 (augmentations are seeded per sample).
     data = [{"kind": "webdataset", "path": tiny_data.one_shard}]
     common = ["data.shuffle_buffer=0", "train.epochs=1", f"train.iters_per_epoch={STEPS}", "train.save_every=3",
               "train.tensorboard=false"]
@@ -28,9 +28,10 @@ def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_p
 
     config = REPO / "configs" / "tiny_stage1.yaml"
     train(train_config(config, overrides(tiny_llm_dir, one_dir, data, *common, "data.batch_size=8")))
-    for output_dir, strategy in ((two_dir, "ddp"), (fsdp_dir, "fsdp")):
-        command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, output_dir, data, *common, "data.batch_size=4",
-                                                            f"train.strategy={strategy}"))
+    # DDP with 2 micro-batches of 2 per process (exercises no_sync), FSDP with one batch of 4 per process.
+    for output_dir, layout in ((two_dir, ["train.strategy=ddp", "data.batch_size=2", "train.grad_accum=2"]),
+                               (fsdp_dir, ["train.strategy=fsdp", "data.batch_size=4"])):
+        command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, output_dir, data, *common, *layout))
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
         proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
