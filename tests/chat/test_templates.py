@@ -12,7 +12,7 @@ from minigpt4.chat.templates import (
     prompt_length,
 )
 from minigpt4.model.llm import load_tokenizer
-from minigpt4.processing.prompt import layout_sample
+from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, layout_sample
 
 # SmolLM2-135M-Instruct's chat template (ChatML), as its GGUF ships it.
 CHATML = (
@@ -51,6 +51,16 @@ def test_vicuna_v0_several_images_and_image_only_message(tokenizer):
     expected = "###Human: <Img><ImageHere></Img> <Img><ImageHere></Img> Compare them.###Assistant:"
     assert template.render(two, "") == expected
     assert template.render([Message("user", images=1)], "") == "###Human: <Img><ImageHere></Img>###Assistant:"
+
+
+def test_vicuna_v0_train_matches_the_training_prompt(tokenizer):
+    template = get_template("vicuna_v0_train", tokenizer)
+    first = "###Human: <Img><ImageHere></Img> What is in the picture? ###Assistant: "
+    assert template.render(ONE_TURN) == first
+    assert first == VICUNA_V0_TEMPLATE.format("<Img><ImageHere></Img> What is in the picture?")  # training's own
+    assert template.render(TWO_TURNS) == first + "A cat on a sofa.###Human: What colour is it? ###Assistant: "
+    assert template.render(ONE_TURN, "SYS") == "SYS" + first
+    assert template.stop == ["###"]
 
 
 def test_llama2_format(tokenizer):

@@ -6,6 +6,7 @@ A rendered prompt marks each image with `<ImageHere>` (inside the template's own
 - `vicuna_v0`: the released MiniGPT-4 chat format,
   `<system>###Human: <Img><ImageHere></Img> question###Assistant:` (no space around "###"; a
   finished turn continues ` answer###Human: ...`).
+- `vicuna_v0_train`: the stage-2 training prompt `###Human: <Img><ImageHere></Img> question ###Assistant: `.
 - `llama2`: Llama-2 chat, `[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nquestion [/INST] answer </s><s>[INST] ...`.
 - `chat_template`: the tokenizer's own Jinja chat template (ChatML for SmolLM2, Qwen, ...).
 
@@ -22,7 +23,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, layout_sample
+from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, VICUNA_V0_TEMPLATE, layout_sample
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,27 @@ class VicunaV0Template(ConversationTemplate):
         return "".join(parts)
 
 
+class VicunaV0TrainTemplate(VicunaV0Template):
+    """The stage-2 training prompt, `###Human: <Img><ImageHere></Img> question ###Assistant: `.
+
+    The release's chat format differs from what stage 2 trained on (a space before "###Assistant",
+    a trailing space, no system text); this one matches training, for models fine-tuned with
+    `VICUNA_V0_TEMPLATE`. A finished turn continues `answer###Human: ...`, as training's end_sym "###".
+    """
+
+    name = "vicuna_v0_train"
+    default_system = ""
+
+    def _render(self, messages: Sequence[Message], system: str) -> str:
+        parts = [system]
+        for message in messages:
+            if message.role == "user":
+                parts.append(VICUNA_V0_TEMPLATE.format(self.user_content(message)))
+            else:
+                parts.append(message.text)
+        return "".join(parts)
+
+
 class Llama2Template(ConversationTemplate):
     """Llama-2 chat: the system block sits inside the first `[INST]`; each answer ends with `</s>`."""
 
@@ -172,13 +194,15 @@ class TokenizerChatTemplate(ConversationTemplate):
         return text
 
 
-TEMPLATE_NAMES = ("vicuna_v0", "llama2", "chat_template")
+TEMPLATE_NAMES = ("vicuna_v0", "vicuna_v0_train", "llama2", "chat_template")
 
 
 def get_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ConversationTemplate:
-    """The template called `name` ("vicuna_v0", "llama2" or "chat_template") for `tokenizer`."""
+    """The template called `name` (one of `TEMPLATE_NAMES`) for `tokenizer`."""
     if name == "vicuna_v0":
         return VicunaV0Template()
+    if name == "vicuna_v0_train":
+        return VicunaV0TrainTemplate()
     if name == "llama2":
         return Llama2Template(tokenizer)
     if name == "chat_template":
