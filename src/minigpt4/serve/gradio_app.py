@@ -202,9 +202,11 @@ def build_demo(
                     label="User", placeholder="Ask about the image and press Enter", elem_id="question"
                 )
 
-        upload.change(on_image, [upload, chatbot], [upload, preview, chatbot, status])
+        # Image encoding and answering share one queue: one model call at a time, and an image
+        # uploaded while an answer streams joins the next question, not the one being answered.
+        upload.change(on_image, [upload, chatbot], [upload, preview, chatbot, status], concurrency_id="model")
         question.submit(on_ask, [question, chatbot], [question, chatbot, status, ready]).then(
-            on_answer, [ready, chatbot, beams, temperature, sample], [chatbot, status]
+            on_answer, [ready, chatbot, beams, temperature, sample], [chatbot, status], concurrency_id="model"
         )
         restart.click(on_restart, None, [upload, preview, chatbot, question, status], queue=False)
     return demo
