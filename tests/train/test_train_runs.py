@@ -85,14 +85,16 @@ def test_kill_and_resume_gives_the_uninterrupted_trajectory(tiny_llm_dir, tiny_d
             {"kind": "webdataset", "path": tiny_data.one_shard, "ratio": 1.0}]
     killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
 
-    proc = subprocess.Popen(cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, killed_dir, data, *common)),
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = ckpt.checkpoint_path(killed_dir, 4)
-    deadline = time.monotonic() + 180
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
+    console = tmp_path / "killed_console.txt"
+    with console.open("w") as sink:
+        proc = subprocess.Popen(cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, killed_dir, data, *common)),
+                                env=cli_env(), stdout=sink, stderr=subprocess.STDOUT)
+        first = ckpt.checkpoint_path(killed_dir, 4)
+        deadline = time.monotonic() + 180
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, console.read_text()[-3000:]
     done_before_kill = max(read_log(killed_dir))
     assert 4 <= done_before_kill < 16, "the kill must land mid-run"
     survivors = ckpt.list_checkpoints(killed_dir)
