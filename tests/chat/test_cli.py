@@ -38,6 +38,17 @@ def test_chat_answers_once(tiny_llm_dir, tiny_model, photo, cat_file, capsys):
     assert out.rstrip("\n").splitlines()[-1] == expected
 
 
+def test_chat_from_a_saved_checkpoint(tiny_model, photo, cat_file, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "model")
+    rc = main(["chat", "--checkpoint", str(tmp_path / "model"), "--image", str(cat_file), "--greedy",
+               "--max-new-tokens", "5", "--no-stream", "Describe this image in detail."])
+    assert rc == 0
+    from PIL import Image
+
+    expected = _expected_answer(tiny_model, Image.open(cat_file), "Describe this image in detail.", 5)
+    assert capsys.readouterr().out.rstrip("\n").splitlines()[-1] == expected
+
+
 def test_chat_interactive_session(tiny_llm_dir, cat_file, monkeypatch, capsys):
     lines = [f"/image {cat_file}", "What is in this picture?", "/image /nonexistent/x.png", "/bogus", "/reset", "/quit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
