@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minigpt4.data import SkippedSample
 from minigpt4.processing.image import ImageError, ImageTransform, eval_transform, load_image, train_transform
 from minigpt4.processing.text import process_caption
 
@@ -69,15 +70,8 @@ class CachedSample:
     shard: str
 
 
-@dataclass
-class Skipped:
-    source: str
-    key: str
-    reason: str
-
-
-def iterate_source(kind: str, path: str, process_captions: bool) -> Iterator[tuple[str, object, str] | Skipped]:
-    """One pass, in order, over a dataset: (key, image bytes or path, text) or a Skipped record."""
+def iterate_source(kind: str, path: str, process_captions: bool) -> Iterator[tuple[str, object, str] | SkippedSample]:
+    """One pass, in order, over a dataset: (key, image bytes or path, text) or a SkippedSample."""
     if kind == "aligned":
         root = Path(path)
         annotations = json.loads((root / "filter_cap.json").read_text())["annotations"]
@@ -85,7 +79,7 @@ def iterate_source(kind: str, path: str, process_captions: bool) -> Iterator[tup
             key = str(ann.get("image_id", ""))
             caption = ann.get("caption")
             if not key or not isinstance(caption, str):
-                yield Skipped(str(root / "filter_cap.json"), key, "annotation without image_id or caption")
+                yield SkippedSample(str(root / "filter_cap.json"), key, "annotation without image_id or caption")
                 continue
             yield key, root / "image" / f"{key}.jpg", caption
         return
@@ -105,7 +99,7 @@ def iterate_source(kind: str, path: str, process_captions: bool) -> Iterator[tup
             if caption is None and "txt" in sample:
                 caption = sample["txt"].decode("utf-8", "replace")
             if image is None or not isinstance(caption, str):
-                yield Skipped(shard, key, "no image or no caption")
+                yield SkippedSample(shard, key, "no image or no caption")
                 continue
             yield key, image, process_caption(caption) if process_captions else caption
 
@@ -145,7 +139,7 @@ def build_cache(
     process_captions: bool = True,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> tuple[int, list[Skipped]]:
+) -> tuple[int, list[SkippedSample]]:
     """Write the cache of `sources` [(kind, path), ...] to `output`; returns (samples, skipped).
 
     `views` > 1 only makes sense with a random (training) transform: each view is a new draw.
@@ -156,7 +150,7 @@ def build_cache(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the random crops of a training transform come from torch's RNG
-    skipped: list[Skipped] = []
+    skipped: list[SkippedSample] = []
     datasets = []
     writer = _ShardWriter(output, shard_size)
     feature_shape: list[int] = []
@@ -176,14 +170,14 @@ def build_cache(
         records: list[dict] = []
         pending: list[tuple[str, torch.Tensor, str]] = []
         for item in iterate_source(kind, path, process_captions if kind == "webdataset" else False):
-            if isinstance(item, Skipped):
+            if isinstance(item, SkippedSample):
                 skipped.append(item)
                 continue
             key, source, text = item
             try:
                 image = load_image(source, name=f"{path}:{key}")
             except (ImageError, FileNotFoundError) as err:
-                skipped.append(Skipped(str(path), key, str(err)))
+                skipped.append(SkippedSample(str(path), key, str(err)))
                 continue
             pending += [(key, transform(image), text) for _ in range(views)]
             if len(pending) >= batch_size * views:
@@ -257,7 +251,7 @@ def feature_batches(
     world_size: int = 1,
     start_batch: int = 0,
 ) -> Iterator[dict]:
-    """Infinite batches {"features" (B, N, C) fp32, "text", "key", "skipped"} from a cache.
+    """Infinite batches {"features" (B, N, C) fp32, "text", "key", "skipped", "dataset"} from a cache.
 
     Each batch comes whole from one dataset picked by `ratios` with a seeded RNG; each dataset is
     reshuffled every pass (seed + pass) and split across ranks without duplicates; every sample
@@ -297,7 +291,8 @@ def feature_batches(
         if produced >= start_batch:
             samples = [datasets[index][i] for i, _ in chosen]
             feats = torch.stack([cache.features(s, view) for s, (_, view) in zip(samples, chosen, strict=True)]).float()
-            yield {"features": feats, "text": [s.text for s in samples], "key": [s.key for s in samples], "skipped": []}
+            yield {"features": feats, "text": [s.text for s in samples], "key": [s.key for s in samples],
+                   "skipped": [], "dataset": cache.manifest["datasets"][index]["path"]}
         produced += 1
 
 
