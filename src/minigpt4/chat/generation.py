@@ -16,7 +16,6 @@ import logging
 import queue
 import re
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -230,9 +229,9 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
 def _generation_config(
     model, settings: GenerationSettings, max_new_tokens: int, eos_ids: list[int]
 ) -> GenerationConfig:
-    # Every field is set explicitly: transformers fills unset ones from the model's own generation
-    # config (e.g. top_k=50), which would silently change the sampling.
-    # Greedy and plain beam search use no warpers, so the sampling fields are left out there.
+    # Fields left unset would be filled from the model's own generation config (e.g. top_k=50) and
+    # silently change the sampling, so every one that matters is set. Greedy and plain beam search
+    # run no warpers, so the sampling fields are left out there (transformers warns otherwise).
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -281,9 +280,9 @@ class _Seeded:
 def _run_generate(model, prepared: PreparedInputs, settings: GenerationSettings, criteria: StopCriteria,
                   eos_ids: list[int], streamer: BaseStreamer | None = None) -> torch.Tensor:
     config = _generation_config(model, settings, _new_token_budget(prepared, settings), eos_ids)
-    with torch.inference_mode(), _Seeded(settings.seed, model.device), warnings.catch_warnings():
-        # Penalising only generated tokens is intended: the original behaves the same way.
-        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+    # transformers warns (once) that a repetition penalty sees only the generated tokens when the
+    # prompt comes as embeddings: that is intended, the original behaves the same way.
+    with torch.inference_mode(), _Seeded(settings.seed, model.device):
         return model.llm.generate(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=prepared.attention_mask,
