@@ -73,51 +73,90 @@ def test_stage1_then_stage2_from_its_checkpoint(tiny_llm_dir, tiny_data, tmp_pat
     assert after < before - 0.02, (before, after)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_trajectory(tiny_llm_dir, tiny_data, tmp_path):
+RESUME_COMMON = ["train.save_every=4", "train.keep_last=3", "train.iters_per_epoch=8", "train.tensorboard=false",
+                 "model.qformer.trainable=true", "data.augment=true"]
+
+
+def resume_data(tiny_data) -> list[dict]:
+    return [{"kind": "webdataset", "path": tiny_data.shards, "ratio": 2.0},  # two datasets mixed 2:1 by batch
+            {"kind": "webdataset", "path": tiny_data.one_shard, "ratio": 1.0}]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llm_dir, tiny_data, tmp_path_factory) -> Path:
+    """The reference: the resume tests' run, never interrupted (in this process, one thread like the CLI runs)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    config = REPO / "configs" / "tiny_stage1.yaml"
+    train(train_config(config, overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON)))
+    return out
+
+
+def assert_same_run(resumed_dir: Path, whole_dir: Path, steps: int = 16) -> None:
+    resumed, whole = read_log(resumed_dir), read_log(whole_dir)
+    steps_logged = [json.loads(line)["step"] for line in (resumed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))  # what the stopped run logged after its checkpoint was dropped
+    assert sorted(whole) == list(range(1, steps + 1))
+    for step in whole:
+        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=1e-7), step
+    final_resumed = ckpt.load_checkpoint(ckpt.checkpoint_path(resumed_dir, steps))["model"]
+    final_whole = ckpt.load_checkpoint(ckpt.checkpoint_path(whole_dir, steps))["model"]
+    assert final_resumed.keys() == final_whole.keys() and any(k.startswith("qformer.") for k in final_whole)
+    for key in final_whole:
+        torch.testing.assert_close(final_resumed[key], final_whole[key], rtol=1e-5, atol=1e-6)
+
+
+def start_run(tiny_llm_dir, tiny_data, out: Path, console: Path, *extra: str) -> subprocess.Popen:
+    command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON, *extra))
+    with console.open("w") as sink:
+        return subprocess.Popen(command, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_trajectory(tiny_llm_dir, tiny_data, tmp_path, uninterrupted):
     """SIGKILL a run after its step-4 checkpoint, resume it, and compare with a run that was never killed.
 
     The Q-Former is trained too here, so dropout draws from the torch RNG that the checkpoint restores,
     images are randomly cropped (augment on), and two datasets are mixed.
     """
-    common = ["train.save_every=4", "train.keep_last=3", "train.iters_per_epoch=8", "train.tensorboard=false",
-              "model.qformer.trainable=true", "data.augment=true"]
-    data = [{"kind": "webdataset", "path": tiny_data.shards, "ratio": 2.0},  # two datasets mixed 2:1 by batch
-            {"kind": "webdataset", "path": tiny_data.one_shard, "ratio": 1.0}]
-    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
-
-    console = tmp_path / "killed_console.txt"
-    with console.open("w") as sink:
-        proc = subprocess.Popen(cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, killed_dir, data, *common)),
-                                env=cli_env(), stdout=sink, stderr=subprocess.STDOUT)
-        first = ckpt.checkpoint_path(killed_dir, 4)
-        deadline = time.monotonic() + 180
-        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL, console.read_text()[-3000:]
+    killed_dir, console = tmp_path / "killed", tmp_path / "console.txt"
+    proc = start_run(tiny_llm_dir, tiny_data, killed_dir, console)
+    wait_for(ckpt.checkpoint_path(killed_dir, 4).exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, console.read_text()[-3000:]
     done_before_kill = max(read_log(killed_dir))
     assert 4 <= done_before_kill < 16, "the kill must land mid-run"
     survivors = ckpt.list_checkpoints(killed_dir)
     assert survivors and survivors[-1].name != "checkpoint_00000016.pth"
 
-    # Resume and the reference run in this process (one thread, like the killed one): same numbers, less start-up.
     config = REPO / "configs" / "tiny_stage1.yaml"
-    resumed_result = train(train_config(config, overrides(tiny_llm_dir, killed_dir, data, *common, "train.resume=auto")))
-    whole_result = train(train_config(config, overrides(tiny_llm_dir, whole_dir, data, *common)))
-    assert resumed_result.losses == whole_result.losses[-len(resumed_result.losses):]
-    assert resumed_result.final_loss == whole_result.final_loss
+    resumed = train(train_config(config, overrides(tiny_llm_dir, killed_dir, resume_data(tiny_data), *RESUME_COMMON,
+                                                   "train.resume=auto")))
+    assert resumed.steps == 16 and not resumed.stopped_by_signal
+    assert resumed.final_loss == read_log(uninterrupted)[16]["loss"]
+    assert_same_run(killed_dir, uninterrupted)
 
-    resumed, whole = read_log(killed_dir), read_log(whole_dir)
-    steps_logged = [json.loads(line)["step"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
-    assert steps_logged == list(range(1, 17))  # what the killed run logged after its checkpoint was dropped
-    assert sorted(resumed) == sorted(whole) == list(range(1, 17))
-    for step in whole:
-        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=1e-7), step
-    final_resumed = ckpt.load_checkpoint(ckpt.checkpoint_path(killed_dir, 16))["model"]
-    final_whole = ckpt.load_checkpoint(ckpt.checkpoint_path(whole_dir, 16))["model"]
-    assert final_resumed.keys() == final_whole.keys() and any(k.startswith("qformer.") for k in final_whole)
-    for key in final_whole:
-        torch.testing.assert_close(final_resumed[key], final_whole[key], rtol=1e-5, atol=1e-6)
+
+def test_sigterm_saves_and_stops_then_resumes_exactly(tiny_llm_dir, tiny_data, tmp_path, uninterrupted):
+    """A scheduler's SIGTERM: the run finishes its step, saves a checkpoint there, exits 143; resume continues."""
+    out, console = tmp_path / "terminated", tmp_path / "console.txt"
+    proc = start_run(tiny_llm_dir, tiny_data, out, console, "train.save_every=100")  # no periodic checkpoint
+    log_file = out / "train_log.jsonl"
+    wait_for(lambda: log_file.exists() and len(log_file.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, console.read_text()[-3000:]
+    assert "stopped by SIGTERM" in console.read_text()
+    stopped_at = max(read_log(out))
+    assert 3 <= stopped_at < 16
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [ckpt.checkpoint_path(out, stopped_at).name]
+
+    config = REPO / "configs" / "tiny_stage1.yaml"
+    train(train_config(config, overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON, "train.resume=auto")))
+    assert_same_run(out, uninterrupted)
 
 
 def _corrupt_shards(root: Path, tiny_data) -> str:

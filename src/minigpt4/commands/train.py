@@ -33,7 +33,13 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"training stopped: {err}")
         return 1
-    if os.environ.get("RANK", "0") == "0":
+    main = os.environ.get("RANK", "0") == "0"
+    if result.stopped_by_signal:
+        if main:
+            print(f"stopped by SIGTERM after step {result.steps}; saved {result.checkpoint}. "
+                  "Run the same command with train.resume=auto to continue.")
+        return 143  # 128 + SIGTERM: the job did not finish, so `train stage1 && train stage2` stops here
+    if main:
         print(f"final loss {result.final_loss:.4f} after {result.steps} steps; "
               f"{result.tokens_per_second:.0f} tokens/s, {result.samples_per_second:.1f} samples/s; "
               f"skipped {result.skipped} bad samples")

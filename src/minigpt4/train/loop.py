@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -66,6 +68,28 @@ class TrainResult:
     log_dir: Path  # holds train_log.jsonl and tensorboard/
     skipped: int  # bad samples skipped over the whole run
     losses: list[float]  # the loss of every step this call ran
+    stopped_by_signal: bool = False  # SIGTERM arrived: saved and stopped early; resume to continue
+
+
+class StopOnSigterm:
+    """Remembers a SIGTERM (a scheduler's pre-emption notice, or torchrun passing one on) so the loop can
+    finish its step, save and stop, instead of dying and losing the steps since the last checkpoint."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnSigterm":
+        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class CaptionLoss(nn.Module):
@@ -283,7 +307,8 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     last_checkpoint: Path | None = None
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not ctx.is_main,
                     dynamic_ncols=True)
-    with progress, logging_redirect_tqdm(), (jsonl or contextlib.nullcontext()):
+    stop, stopped = StopOnSigterm(), False
+    with progress, logging_redirect_tqdm(), (jsonl or contextlib.nullcontext()), stop:
         for step in range(start_step, total_steps):
             step_start = time.perf_counter()
             lr = lr_at(step, t)
@@ -323,7 +348,10 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
                 loss_sum += part.detach().float()
             if fsdp:
                 all_reduce_gradients(trainable, ctx)  # FSDP leaves the trainable weights to us
-            loss = float(all_reduce_sum(loss_sum, ctx)) / targets
+            # The stop flag rides along, so all processes stop after the same step.
+            loss_total, stop_votes = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.received),
+                                                                                        device=ctx.device)]), ctx).tolist()
+            loss = loss_total / targets
 
             # ---- never train on garbage: stop with the last good state saved
             if not math.isfinite(loss):
@@ -374,21 +402,27 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
                         board.add_scalar(f"train/{key}", record[key], done)
                     board.flush()
                 window.update(loss=0.0, steps=0, samples=0, tokens=0, start=time.perf_counter())
-            if done % save_every == 0 or done == total_steps:
-                last_checkpoint = save(done, f"step {done}")
+            if done % save_every == 0 or done == total_steps or stop_votes:
+                last_checkpoint = save(done, "SIGTERM" if stop_votes else f"step {done}")
+            if stop_votes:
+                stopped = True
+                log.warning("SIGTERM: stopped after step %d of %d and saved %s; continue with train.resume=auto",
+                            done, total_steps, last_checkpoint)
+                break
 
     if board is not None:
         board.close()
     rate = steady["seconds"] or float("nan")
     result = TrainResult(
         final_loss=losses[-1] if losses else float("nan"),
-        steps=total_steps,
+        steps=start_step + len(losses),
         tokens_per_second=steady["tokens"] / rate,
         samples_per_second=steady["samples"] / rate,
         checkpoint=last_checkpoint or (resume_path if state is not None else None),
         log_dir=out,
         skipped=skipped_total,
         losses=losses,
+        stopped_by_signal=stopped,
     )
     if ctx.is_main:
         reasons = ", ".join(f"{n} {r}" for r, n in skip_reasons.most_common()) or "none in this session"
