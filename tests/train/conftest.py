@@ -31,7 +31,8 @@ def tiny_data(tmp_path_factory) -> TinyData:
     captions = [(f"{i:05d}", image, scene.caption()) for i, (image, scene) in enumerate(scenes)]
     shards = write_stage1(root / "shards", captions, shard_size=16)
     one_shard = write_stage1(root / "one_shard", captions, shard_size=32)
-    write_stage2(root / "aligned", [(str(i), image, scene.description()) for i, (image, scene) in enumerate(scenes[:24])])
+    descriptions = [(str(i), image, scene.description()) for i, (image, scene) in enumerate(scenes[:24])]
+    write_stage2(root / "aligned", descriptions)
     return TinyData(shards, one_shard, root / "aligned")
 
 

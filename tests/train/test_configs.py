@@ -14,7 +14,8 @@ def test_stage1_config_is_the_original_run():
     d, t = cfg.data, cfg.train
     assert [(s.kind, s.ratio) for s in d.datasets] == [("webdataset", 115.0), ("webdataset", 14.0)]
     assert (d.batch_size, d.prompts, d.end_sym, d.max_txt_len, d.process_captions) == (64, "", "\n", 32, True)
-    assert (t.lr, t.min_lr, t.warmup_lr, t.warmup_steps, t.epochs, t.iters_per_epoch) == (1e-4, 8e-5, 1e-6, 5000, 4, 5000)
+    schedule = (t.lr, t.min_lr, t.warmup_lr, t.warmup_steps, t.epochs, t.iters_per_epoch)
+    assert schedule == (1e-4, 8e-5, 1e-6, 5000, 4, 5000)
     assert (t.weight_decay, t.betas, t.precision, t.seed, t.grad_accum) == (0.05, (0.9, 0.999), "fp16", 42, 1)
     assert lr_at(5000, t) == pytest.approx(9.7071e-5, rel=1e-4)
     assert cfg.model.qformer.num_query_tokens == 32 and not cfg.model.qformer.trainable

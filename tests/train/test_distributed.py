@@ -32,13 +32,15 @@ def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_p
     for output_dir, layout in ((two_dir, ["train.strategy=ddp", "data.batch_size=2", "train.grad_accum=2"]),
                                (fsdp_dir, ["train.strategy=fsdp", "data.batch_size=4"])):
         command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, output_dir, data, *common, *layout))
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    *command[1:]]
         proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "process 0 of 2" in proc.stderr and "process 1 of 2" not in proc.stderr  # rank 1 logs warnings only
     assert "FSDP: 2 LLM layers" in proc.stderr
     # The same global batch as 4 x 2 micro-batches in one process (in this process: no start-up cost).
-    train(train_config(config, overrides(tiny_llm_dir, accum_dir, data, *common, "data.batch_size=4", "train.grad_accum=2")))
+    train(train_config(config, overrides(tiny_llm_dir, accum_dir, data, *common, "data.batch_size=4",
+                                         "train.grad_accum=2")))
 
     one, two, fsdp, accum = read_log(one_dir), read_log(two_dir), read_log(fsdp_dir), read_log(accum_dir)
     assert sorted(one) == sorted(two) == sorted(fsdp) == sorted(accum) == list(range(1, STEPS + 1))

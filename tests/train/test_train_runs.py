@@ -32,7 +32,8 @@ def mean(values):
 
 def test_stage1_then_stage2_from_its_checkpoint(tiny_llm_dir, tiny_data, tmp_path, caplog):
     out1, out2 = tmp_path / "stage1", tmp_path / "stage2"
-    stage1 = run_cli("tiny_stage1.yaml", overrides(tiny_llm_dir, out1, [{"kind": "webdataset", "path": tiny_data.shards}]))
+    shards = [{"kind": "webdataset", "path": tiny_data.shards}]
+    stage1 = run_cli("tiny_stage1.yaml", overrides(tiny_llm_dir, out1, shards))
     console = stage1.stdout + stage1.stderr
     assert "tokens/s" in console and "samples/s" in console
     assert "final loss" in stage1.stdout
@@ -106,7 +107,8 @@ def assert_same_run(resumed_dir: Path, whole_dir: Path, steps: int = 16) -> None
 
 
 def start_run(tiny_llm_dir, tiny_data, out: Path, console: Path, *extra: str) -> subprocess.Popen:
-    command = cli_command("tiny_stage1.yaml", overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON, *extra))
+    args = overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON, *extra)
+    command = cli_command("tiny_stage1.yaml", args)
     with console.open("w") as sink:
         return subprocess.Popen(command, env=cli_env(), stdout=sink, stderr=subprocess.STDOUT)
 
@@ -155,7 +157,8 @@ def test_sigterm_saves_and_stops_then_resumes_exactly(tiny_llm_dir, tiny_data, t
     assert [p.name for p in ckpt.list_checkpoints(out)] == [ckpt.checkpoint_path(out, stopped_at).name]
 
     config = REPO / "configs" / "tiny_stage1.yaml"
-    train(train_config(config, overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON, "train.resume=auto")))
+    train(train_config(config, overrides(tiny_llm_dir, out, resume_data(tiny_data), *RESUME_COMMON,
+                                         "train.resume=auto")))
     assert_same_run(out, uninterrupted)
 
 

@@ -175,7 +175,8 @@ def check_config(cfg: TrainJobConfig) -> None:
     if cfg.data.max_txt_len < 1:
         raise ConfigError(f"data.max_txt_len={cfg.data.max_txt_len} must be at least 1 (no target, no loss)")
     if t.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
-        raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); on CPU use train.precision=bf16 or fp32")
+        raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); "
+                          "on CPU use train.precision=bf16 or fp32")
 
 
 def resolve_resume(cfg: TrainJobConfig) -> Path | None:
@@ -296,7 +297,8 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             from torch.utils.tensorboard import SummaryWriter
 
             board = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes x %d micro-batches",
+        log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes "
+                 "x %d micro-batches",
                  total_steps, t.epochs, t.iters_per_epoch, cfg.data.batch_size * ctx.world_size * t.grad_accum,
                  cfg.data.batch_size, ctx.world_size, t.grad_accum)
 
@@ -349,8 +351,8 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             if fsdp:
                 all_reduce_gradients(trainable, ctx)  # FSDP leaves the trainable weights to us
             # The stop flag rides along, so all processes stop after the same step.
-            loss_total, stop_votes = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.received),
-                                                                                        device=ctx.device)]), ctx).tolist()
+            stop_flag = torch.tensor(float(stop.received), device=ctx.device)
+            loss_total, stop_votes = all_reduce_sum(torch.stack([loss_sum, stop_flag]), ctx).tolist()
             loss = loss_total / targets
 
             # ---- never train on garbage: stop with the last good state saved
