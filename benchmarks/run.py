@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown chat variant {name!r}; choose from {', '.join(CHAT_VARIANTS)}")
     if "baseline" not in args.train_variants or "baseline" not in args.chat_variants:
         parser.error("every part needs the baseline variant: the ratios are taken against it")
+    # The baseline runs first: its fp32 towers are saved for the later variants to load.
+    args.train_variants = ["baseline"] + [v for v in args.train_variants if v != "baseline"]
+    args.chat_variants = ["baseline"] + [v for v in args.chat_variants if v != "baseline"]
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first warm-up step counts FLOPs)")
     return args

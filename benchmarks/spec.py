@@ -43,6 +43,7 @@ class Spec:
     layout: str = "stage2"  # train: "stage1" (32-token captions) or "stage2" (160-token descriptions + prompt)
     dims: str = "tiny"  # "tiny" or "original" (39-block EVA-ViT-g, BERT-base Q-Former)
     llm: str = "tiny"  # "tiny", "smollm2", "vicuna7b" (random weights at Vicuna-7B dims) or a model folder
+    llm_layers: int = 0  # vicuna7b with this many layers instead of 32 (CPU dry runs); 0 = all
     device: str = "cpu"
     batch: int = 2
     steps: int = 2  # measured training steps / chat repetitions
