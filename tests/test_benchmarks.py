@@ -37,8 +37,9 @@ def aligned_folder(tmp_path):
     return tmp_path / "aligned"
 
 
-def test_cached_and_uncached_training_give_the_same_loss(tmp_path, tiny_llm_dir, aligned_folder):
-    """`train()` from the frozen-feature cache computes the loss of the same batch as from pixels."""
+def test_cached_uncached_and_bucketed_training_give_the_same_loss(tmp_path, tiny_llm_dir, aligned_folder):
+    """`train()` from the frozen-feature cache (and with length buckets) computes the loss of the same batch as
+    from pixels (eval transform)."""
     from minigpt4.feature_cache import build_cache, data_transform
     from minigpt4.model.build import build_model
     from minigpt4.train.loop import train
@@ -57,6 +58,10 @@ def test_cached_and_uncached_training_give_the_same_loss(tmp_path, tiny_llm_dir,
     # the cache stores fp16, hence the tolerance.
     assert from_pixels.final_loss > 1.0
     assert from_cache.final_loss == pytest.approx(from_pixels.final_loss, rel=1e-3)
+
+    # train.length_buckets: rows grouped by length, padding not computed, same loss.
+    bucketed = train(_tiny_job(tmp_path / "buckets", tiny_llm_dir, aligned_folder, **{"train.length_buckets": 3}))
+    assert bucketed.final_loss == pytest.approx(from_pixels.final_loss, rel=1e-5)
 
 
 def test_length_buckets_and_full_logits_keep_loss_and_gradient(tiny_model):

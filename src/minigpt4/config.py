@@ -342,6 +342,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float = 0.0  # 0 = no clipping (the original has none)
     precision: Literal["fp32", "bf16", "fp16"] = "fp16"  # autocast dtype; fp16 (CUDA only) adds a GradScaler
+    # > 1: the rows of each micro-batch are grouped by length into this many groups, and the LLM runs on
+    # each group cut to its own longest row, so padding is not computed (same loss). 1 = one padded batch.
+    length_buckets: int = 1
     seed: int = 42
     log_every: int = 50  # steps
     save_every: int = 0  # steps; 0 = at the end of every epoch (the original's cadence)

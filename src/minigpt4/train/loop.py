@@ -99,9 +99,10 @@ class CaptionLoss(nn.Module):
     gradients are all-reduced on backward.
     """
 
-    def __init__(self, model: MiniGPT4):
+    def __init__(self, model: MiniGPT4, length_buckets: int = 1):
         super().__init__()
         self.model = model
+        self.length_buckets = length_buckets
 
     def forward(self, inputs: torch.Tensor, are_features: bool, batch: LayoutBatch) -> torch.Tensor:
         if are_features:
@@ -110,7 +111,8 @@ class CaptionLoss(nn.Module):
             image_embeds = self.model.encode_images(inputs)  # (B, Q, H_llm)
         # The same three steps as MiniGPT4.loss_from_image_embeds, with the layout made by the
         # caller, which needs its token counts for the global-batch mean and for tokens/s.
-        mean = self.model.lm_loss(self.model.embed(batch, image_embeds), batch.attention_mask, batch.labels)
+        mean = self.model.lm_loss(self.model.embed(batch, image_embeds), batch.attention_mask, batch.labels,
+                                  length_buckets=self.length_buckets)
         return mean * target_count(batch)
 
 
@@ -167,7 +169,7 @@ def check_config(cfg: TrainJobConfig) -> None:
     t = cfg.train
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: list at least one dataset (kind, path)")
-    for name in ("epochs", "iters_per_epoch", "grad_accum", "log_every", "keep_last"):
+    for name in ("epochs", "iters_per_epoch", "grad_accum", "log_every", "keep_last", "length_buckets"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
     if cfg.data.batch_size < 1:
@@ -239,7 +241,8 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     if state is not None:
         ckpt.load_trainable_state_dict(model, state["model"], str(resume_path))
     model.train()
-    loss_fn = wrap_fsdp(CaptionLoss(model), model.llm, ctx) if fsdp else wrap_ddp(CaptionLoss(model), ctx)
+    caption_loss = CaptionLoss(model, t.length_buckets)
+    loss_fn = wrap_fsdp(caption_loss, model.llm, ctx) if fsdp else wrap_ddp(caption_loss, ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)  # after wrapping: it must hold the tensors training updates
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.precision == "fp16")
