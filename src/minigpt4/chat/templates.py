@@ -16,6 +16,8 @@ BOS token and every image that stays are always laid out whole.
 
 from __future__ import annotations
 
+import abc
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,12 +63,12 @@ class Message:
 def _check_roles(messages: Sequence[Message]) -> None:
     if not messages or messages[0].role != "user":
         raise ValueError("a conversation must start with a user message")
-    for before, after in zip(messages, messages[1:], strict=False):
+    for before, after in itertools.pairwise(messages):
         if before.role == after.role:
             raise ValueError(f"roles must alternate user/assistant, got two {after.role!r} messages in a row")
 
 
-class ConversationTemplate:
+class ConversationTemplate(abc.ABC):
     """Renders messages to prompt text; subclasses define the format.
 
     Attributes:
@@ -91,8 +93,9 @@ class ConversationTemplate:
         _check_roles(messages)
         return self._render(messages, self.default_system if system is None else system)
 
+    @abc.abstractmethod
     def _render(self, messages: Sequence[Message], system: str) -> str:
-        raise NotImplementedError
+        """The format itself: messages (roles already checked) and the resolved system text."""
 
     def user_content(self, message: Message) -> str:
         """A user message's content: its images' tags, then the text, separated by spaces."""
