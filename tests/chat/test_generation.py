@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from minigpt4.chat.generation import GenerationSettings, generate, stream
+from minigpt4.chat.generation import GenerationSettings, generate, stream, stream_batch
 from minigpt4.chat.templates import Message, get_template
 from minigpt4.processing.prompt import layout_sample
 from minigpt4.testing import make_bigram
@@ -72,6 +74,38 @@ def test_stream_yields_the_same_text_and_never_the_stop_string(bigram_model, pix
         expected = generate(bigram_model, [prompt], [[pixels]], GREEDY, template_stops=["###"])[0].text
         assert "".join(pieces) == expected
         assert all("#" not in piece for piece in pieces)
+
+
+def test_stream_batch_hands_every_row_its_text_from_one_generate(bigram_model, pixels):
+    pieces: list[list[str]] = [[] for _ in PROMPTS]
+    calls = []
+    hook = bigram_model.llm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = stream_batch(bigram_model, PROMPTS, [[pixels]] * 4, GREEDY, lambda row, text: pieces[row].append(text),
+                           template_stops=["###"])
+    finally:
+        hook.remove()
+    assert len(calls) == 4  # one batched generation, ended when the slowest row stopped
+    assert out == generate(bigram_model, PROMPTS, [[pixels]] * 4, GREEDY, template_stops=["###"])
+    assert ["".join(row) for row in pieces] == ["", "red", "image of", "me"]
+    assert len(pieces[2]) == 2  # "image", then " of": handed out step by step, not at the end
+    assert all("#" not in piece for row in pieces for piece in row)
+
+
+def test_stream_batch_cancelled_row_ends_alone(bigram_model, pixels):
+    settings = GREEDY.replace(max_new_tokens=30)
+    cancelled = [threading.Event(), threading.Event()]
+    pieces: list[list[str]] = [[], []]
+
+    def on_delta(row: int, text: str) -> None:
+        pieces[row].append(text)
+        if row == 0:
+            cancelled[0].set()  # row 0's client leaves after its first piece
+
+    out = stream_batch(bigram_model, PROMPTS[:2], [[pixels]] * 2, settings, on_delta, cancelled=cancelled)
+    assert out[0] is None and pieces[0] == ["###"]  # "### in in ...": nothing after the cancel
+    alone = generate(bigram_model, PROMPTS[1:2], [[pixels]], settings)[0]
+    assert out[1] == alone and alone.completion_tokens == 30 and "".join(pieces[1]) == alone.text
 
 
 def test_repetition_penalty_sees_generated_tokens(bigram_model, pixels):

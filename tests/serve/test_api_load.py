@@ -3,8 +3,8 @@
 The load test starts the real `minigpt4 serve` command in a subprocess and sends the same 200
 greedy requests twice: one at a time, then from 16 concurrent clients. Every concurrent answer must
 equal the sequential answer to the same request (nothing lost, nothing mixed up) and nothing may
-be a 5xx. Throughput and latency of both runs are printed (run with -s to see them); no timing is
-asserted.
+be a 5xx. The streamed load test does the same with 64 longer `stream: true` requests. Throughput
+and latency of the runs are printed (run with -s to see them); no timing is asserted.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from .conftest import data_url, image_message, running_server
 REQUESTS = 200
 CLIENTS = 16
 MAX_TOKENS = 8
+STREAMS = 64
+STREAM_TOKENS = 32
 
 
 def free_port() -> int:
@@ -93,7 +95,25 @@ def send(client: httpx.Client, body: dict) -> tuple[int, dict, float]:
     return response.status_code, response.json(), time.perf_counter() - start
 
 
-def run_load(base: str, bodies: list[dict], clients: int) -> tuple[list, float]:
+def send_stream(client: httpx.Client, body: dict) -> tuple[int, str, float, float]:
+    """A streamed request's status, joined content, latency and time to its first content piece."""
+    start = time.perf_counter()
+    pieces: list[str] = []
+    first = None
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                content = event["choices"][0]["delta"].get("content") if event["choices"] else None
+                if content and first is None:
+                    first = time.perf_counter() - start
+                pieces.append(content or "")
+    latency = time.perf_counter() - start
+    return response.status_code, "".join(pieces), latency, latency if first is None else first
+
+
+def run_load(base: str, bodies: list[dict], clients: int, send_fn=send) -> tuple[list, float]:
     """Send `bodies` from `clients` concurrent clients; results in request order and the wall time."""
     results: list = [None] * len(bodies)
     next_index = iter(range(len(bodies)))
@@ -106,7 +126,7 @@ def run_load(base: str, bodies: list[dict], clients: int) -> tuple[list, float]:
                     index = next(next_index, None)
                 if index is None:
                     return
-                results[index] = send(client, bodies[index])
+                results[index] = send_fn(client, bodies[index])
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -152,6 +172,33 @@ def test_load_200_requests_16_clients(cli_server):
           f"speed-up {wall_seq / wall_conc:.2f}x")
     assert rows == REQUESTS
     assert batches < REQUESTS  # concurrent requests were batched, not run one by one
+
+
+def test_streamed_load_64_streams_16_clients(cli_server):
+    """Streams are batched like plain requests: same texts as one at a time, fewer model calls than streams."""
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"Tell tale {i}, {i % 5 + 2} lines."}],
+               "max_tokens": STREAM_TOKENS, "temperature": 0} for i in range(STREAMS)]
+    sequential, wall_seq = run_load(cli_server, bodies, clients=1, send_fn=send_stream)
+    before = httpx.get(f"{cli_server}/health").json()
+    concurrent_, wall_conc = run_load(cli_server, bodies, clients=CLIENTS, send_fn=send_stream)
+    after = httpx.get(f"{cli_server}/health").json()
+
+    assert [r[0] for r in sequential + concurrent_] == [200] * (2 * STREAMS)
+    mixed = [i for i, (seq, conc) in enumerate(zip(sequential, concurrent_)) if seq[1] != conc[1]]
+    assert not mixed, f"{len(mixed)} streamed answers differ from the sequential run, e.g. request {mixed[:3]}"
+    assert len({r[1] for r in sequential}) > 1
+
+    batches = after["batches"] - before["batches"]
+    rows = after["rows"] - before["rows"]
+    ttft = lambda results: statistics.median(r[3] for r in results) * 1000  # noqa: E731
+    print()
+    print(summary("streamed, 1 client", sequential, wall_seq) + f", first token p50 {ttft(sequential):7.1f} ms")
+    print(summary(f"streamed, {CLIENTS} clients", concurrent_, wall_conc)
+          + f", first token p50 {ttft(concurrent_):7.1f} ms")
+    print(f"concurrent streams: {rows} rows in {batches} model calls = {rows / batches:.2f} rows per batch; "
+          f"speed-up {wall_seq / wall_conc:.2f}x")
+    assert rows == STREAMS
+    assert batches < STREAMS  # concurrent streams were batched, not run one by one
 
 
 # ---------------------------------------------------------------- back-pressure and disconnects
@@ -240,7 +287,7 @@ def read_stream(client: httpx.Client, body: dict) -> tuple[int, str]:
 
 
 def test_streams_and_plain_requests_interleaved(cli_server):
-    """Streams (run one at a time) and batched plain requests at once: each gets its own answer."""
+    """Streams and plain requests at once, batched together: each gets its own answer."""
     bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"Story {i}: tell it."}],
                "max_tokens": MAX_TOKENS, "temperature": 0} for i in range(24)]
     with httpx.Client(base_url=cli_server, timeout=120) as client:

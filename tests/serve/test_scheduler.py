@@ -35,7 +35,7 @@ def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
     texts = {name: f"Describe picture {name} please." for name in "abc"}
     alone = {name: serve_engine.generate([prompt(serve_engine, t)], [[]], GREEDY)[0] for name, t in texts.items()}
 
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     jobs = [
         Job(prompt(serve_engine, texts["a"]), [], GREEDY, collector.callback("a")),
@@ -66,7 +66,7 @@ def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
 
 
 def test_incompatible_settings_are_not_batched(serve_engine):
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     other = GenerationSettings(max_new_tokens=3, do_sample=False)
     jobs = [Job(prompt(serve_engine, "one"), [], GREEDY, collector.callback("1")),
@@ -81,5 +81,57 @@ def test_incompatible_settings_are_not_batched(serve_engine):
         assert all(error is None for _, error in collector.results.values())
         assert collector.results["2"][0][0].completion_tokens <= 3
         assert scheduler.stats()["batches"] == 2  # {one, three} together, {two} apart
+    finally:
+        scheduler.close()
+
+
+def test_streams_are_batched_with_each_other_and_plain_jobs(serve_engine, photo):
+    """8 streamed greedy jobs and a plain one share one model call; each gets exactly its answer alone."""
+    image = serve_engine.pixels(photo)
+    texts = [f"Tell story {i} about the picture." for i in range(9)]
+    images = [[image] if i % 3 == 0 else [] for i in range(9)]
+    prompts = [prompt(serve_engine, t) if not images[i] else
+               serve_engine.template.render([Message("user", t, images=1)], None) for i, t in enumerate(texts)]
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False)
+    alone = [serve_engine.generate([p], [im], settings)[0] for p, im in zip(prompts, images, strict=True)]
+    assert len({c.text for c in alone}) > 1  # a mix-up would show
+
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=16, max_wait_s=0.0)
+    collector = Collector()
+    collector.expected = len(prompts)
+    pieces: dict[str, list[str]] = {str(i): [] for i in range(8)}
+    for i in range(8):
+        job = Job(prompts[i], images[i], settings, collector.callback(str(i)), on_delta=pieces[str(i)].append)
+        scheduler.submit(job)
+    scheduler.submit(Job(prompts[8], images[8], settings, collector.callback("plain")))
+    scheduler.start()
+    try:
+        assert collector.done.wait(60)
+        for i in range(8):
+            completion, error = collector.results[str(i)]
+            assert error is None and completion == alone[i]
+            assert "".join(pieces[str(i)]) == alone[i].text
+        assert collector.results["plain"] == ([alone[8]], None)
+        assert scheduler.stats()["batches"] == 1 and scheduler.stats()["rows"] == 9
+    finally:
+        scheduler.close()
+
+
+def test_a_failing_job_in_a_streamed_batch_fails_alone(serve_engine):
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    collector = Collector()
+    collector.expected = 2
+    good: list[str] = []
+    scheduler.submit(Job(prompt(serve_engine, "x") + "<ImageHere>", [], GREEDY, collector.callback("bad"),
+                         on_delta=lambda text: None))
+    scheduler.submit(Job(prompt(serve_engine, "Hello there."), [], GREEDY, collector.callback("good"),
+                         on_delta=good.append))
+    scheduler.start()
+    try:
+        assert collector.done.wait(60)
+        assert collector.results["bad"][0] is None and isinstance(collector.results["bad"][1], ValueError)
+        completion, error = collector.results["good"]
+        expected = serve_engine.generate([prompt(serve_engine, "Hello there.")], [[]], GREEDY)[0]
+        assert error is None and completion == expected and "".join(good) == expected.text
     finally:
         scheduler.close()

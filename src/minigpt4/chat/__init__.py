@@ -1,6 +1,6 @@
 """Chatting with MiniGPT-4: conversation templates, generation, and the `Chat` session."""
 
-from minigpt4.chat.generation import Completion, GenerationSettings, generate, stream
+from minigpt4.chat.generation import Completion, GenerationSettings, generate, stream, stream_batch
 from minigpt4.chat.session import Chat
 from minigpt4.chat.templates import ConversationTemplate, Message, get_template
 
@@ -13,4 +13,5 @@ __all__ = [
     "generate",
     "get_template",
     "stream",
+    "stream_batch",
 ]

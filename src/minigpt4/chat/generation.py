@@ -5,7 +5,8 @@ here) give token ids and image positions, `MiniGPT4.encode_images` the image emb
 `MiniGPT4.embed` writes them in. Decoding is transformers' `generate(inputs_embeds=...,
 attention_mask=...)` with a KV cache; our own stopping criterion ends each row at its stop strings
 (any tokenization of them) and at EOS, and finds where the generated ids start, whatever the
-transformers version returns in front of them.
+transformers version returns in front of them. Streaming is a streamer that gets every step's
+(B,) new ids and hands each row's settled text on, so a batch of streams shares one `generate`.
 """
 
 from __future__ import annotations
@@ -163,25 +164,25 @@ class StopCriteria(StoppingCriteria):
     Matching is transformers' `StopStringCriteria`, which works on the tokenizer's vocabulary: it
     finds a stop string however the tokens split it, also inside one token, and answers per row.
     The first call also records how many ids `generate` put in front of the new tokens (none in
-    transformers 5 for `inputs_embeds`, a dummy BOS in older versions), and `cancel()` ends every
-    row at the next step (a streaming client went away).
+    transformers 5 for `inputs_embeds`, a dummy BOS in older versions). A row whose `cancelled`
+    event is set ends at the next step (a streaming client went away).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], cancelled: Sequence[threading.Event] = ()
+    ):
         self.stops = list(stops)
         self.prefix_length: int | None = None
-        self._cancelled = threading.Event()
+        self.cancelled = list(cancelled)
         self._strings = _stop_string_criteria(tokenizer, tuple(self.stops)) if self.stops else None
-
-    def cancel(self) -> None:
-        self._cancelled.set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         if self.prefix_length is None:
             self.prefix_length = input_ids.shape[1] - 1
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self._cancelled.is_set():
-            return ~done
+        for row, event in enumerate(self.cancelled):
+            if event.is_set():
+                done[row] = True
         if self._strings is not None:
             done |= self._strings(input_ids, scores)
         return done
@@ -357,23 +358,6 @@ def generate(
 # ------------------------------------------------------------------------------------ streaming
 
 
-class _QueueStreamer(BaseStreamer):
-    """Hands the ids `generate` produces to the consuming thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt ids, never new tokens
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -383,25 +367,147 @@ def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok))
 
 
-def _stable_text(
-    tokenizer: PreTrainedTokenizerBase,
-    ids: list[int],
-    stops: Sequence[str],
-    eos_ids: Sequence[int],
-    byte_ids: frozenset[int],
-) -> str:
-    """The part of the answer so far that later tokens cannot change: a prefix of the final text."""
-    text, _, reason = finish(tokenizer, ids, stops, eos_ids)
-    if reason == "stop":
-        return text
-    settled = len(ids)
-    while settled and ids[settled - 1] in byte_ids:  # an open byte run may still turn into other characters
-        settled -= 1
-    raw = tokenizer.decode(ids[:settled], skip_special_tokens=True).lstrip()
-    # Hold back a tail that may still become a stop string, an unfinished UTF-8 character, and
-    # trailing whitespace (the final answer is stripped).
-    hold = max((k for s in stops for k in range(1, len(s)) if raw.endswith(s[:k])), default=0)
-    return raw[: len(raw) - hold].rstrip("\ufffd").rstrip()
+class _RowText:
+    """One row's answer as its ids arrive: hands out the text that later tokens cannot change."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], eos_ids: Sequence[int], byte_ids: frozenset[int]
+    ):
+        self.tokenizer, self.stops, self.eos_ids, self.byte_ids = tokenizer, stops, eos_ids, byte_ids
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.done = False  # a stop string or EOS was reached: later ids (padding) are not part of it
+
+    def add(self, token_id: int) -> str:
+        """Take one new id; return the text it settled (often empty)."""
+        self.ids.append(token_id)
+        text, _, reason = finish(self.tokenizer, self.ids, self.stops, self.eos_ids)
+        if reason == "stop":
+            self.done = True
+            return self._advance(text)
+        settled = len(self.ids)
+        while settled and self.ids[settled - 1] in self.byte_ids:  # an open byte run may still change
+            settled -= 1
+        raw = self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True).lstrip()
+        # Hold back a tail that may still become a stop string, an unfinished UTF-8 character, and
+        # trailing whitespace (the final answer is stripped).
+        hold = max((k for s in self.stops for k in range(1, len(s)) if raw.endswith(s[:k])), default=0)
+        return self._advance(raw[: len(raw) - hold].rstrip("\ufffd").rstrip())
+
+    def close(self, prompt_tokens: int) -> tuple[str, Completion]:
+        """The text not handed out yet and the whole answer."""
+        text, count, reason = finish(self.tokenizer, self.ids, self.stops, self.eos_ids)
+        rest = self._advance(text)
+        if not text.startswith(self.emitted):
+            log.warning("streamed text %r is not a prefix of the final answer %r", self.emitted, text)
+        return rest, Completion(text, prompt_tokens, count, reason)
+
+    def _advance(self, stable: str) -> str:
+        if stable.startswith(self.emitted) and len(stable) > len(self.emitted):
+            delta, self.emitted = stable[len(self.emitted):], stable
+            return delta
+        return ""
+
+
+class _RowsStreamer(BaseStreamer):
+    """Gets the (B,) ids of every decoding step from `generate` and hands each live row's new text on."""
+
+    def __init__(
+        self, rows: list[_RowText], on_delta: Callable[[int, str], None], cancelled: Sequence[threading.Event]
+    ):
+        self.rows, self.on_delta, self.cancelled = rows, on_delta, cancelled
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids, never new tokens
+            self._prompt_seen = True
+            return
+        for index, token_id in enumerate(value.reshape(-1).tolist()):  # (B,) one id per row
+            row = self.rows[index]
+            if row.done or self.cancelled[index].is_set():
+                continue
+            delta = row.add(token_id)
+            if delta:
+                self.on_delta(index, delta)
+
+    def end(self) -> None:
+        pass  # the held-back rest of each row is handed out by `stream_batch_from_embeds` itself
+
+
+def stream_batch_from_embeds(
+    model,
+    prompts: Sequence[str],
+    image_embeds: Sequence[torch.Tensor],
+    settings: GenerationSettings,
+    on_delta: Callable[[int, str], None],
+    *,
+    cancelled: Sequence[threading.Event] | None = None,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+) -> list[Completion | None]:
+    """`stream_batch` for images already encoded with `encode_images`."""
+    cancelled = list(cancelled) if cancelled is not None else [threading.Event() for _ in prompts]
+    if len(cancelled) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but cancel events for {len(cancelled)}")
+    if settings.num_beams > 1:
+        # Beams are only settled at the end, so there is nothing to stream before that.
+        completions = generate_from_embeds(
+            model, prompts, image_embeds, settings, template_stops=template_stops, add_bos=add_bos
+        )
+        for row, completion in enumerate(completions):
+            if completion.text and not cancelled[row].is_set():
+                on_delta(row, completion.text)
+        return [None if event.is_set() else c for c, event in zip(completions, cancelled, strict=True)]
+    with torch.inference_mode():
+        prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
+    stops, eos_ids = _stops(model, settings, template_stops)
+    byte_ids = _byte_token_ids(model.tokenizer)
+    rows = [_RowText(model.tokenizer, stops, eos_ids, byte_ids) for _ in prompts]
+    criteria = StopCriteria(model.tokenizer, stops, cancelled)
+    _run_generate(model, prepared, settings, criteria, eos_ids, _RowsStreamer(rows, on_delta, cancelled))
+    completions: list[Completion | None] = []
+    for index, (row, prompt_tokens) in enumerate(zip(rows, prepared.prompt_tokens, strict=True)):
+        if cancelled[index].is_set():
+            completions.append(None)
+            continue
+        rest, completion = row.close(prompt_tokens)
+        if rest:
+            on_delta(index, rest)
+        completions.append(completion)
+    return completions
+
+
+def stream_batch(
+    model,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[torch.Tensor]],
+    settings: GenerationSettings | None,
+    on_delta: Callable[[int, str], None],
+    *,
+    cancelled: Sequence[threading.Event] | None = None,
+    template_stops: Sequence[str] = (),
+    add_bos: bool = True,
+) -> list[Completion | None]:
+    """Answer a batch of prompts as `generate` does, handing out each row's text as it is generated.
+
+    Runs in the calling thread: `on_delta(row, text)` is called from it after each decoding step
+    for every row that settled new text, and once more at the end with any held-back rest, so each
+    row's pieces join to exactly the text `generate` returns for it. Setting `cancelled[row]` (a
+    client went away) ends that row at the next step and silences it; generation stops once every
+    row has ended. With `num_beams > 1` each answer comes as one piece at the end.
+
+    Returns:
+        Per row its Completion, or None for a row whose `cancelled` event was set.
+    """
+    settings = settings or GenerationSettings()
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but image lists for {len(images)}")
+    with torch.inference_mode():
+        image_embeds = encode_images(model, images)
+    return stream_batch_from_embeds(
+        model, prompts, image_embeds, settings, on_delta,
+        cancelled=cancelled, template_stops=template_stops, add_bos=add_bos,
+    )
 
 
 def stream_from_embeds(
@@ -416,58 +522,36 @@ def stream_from_embeds(
 ) -> Iterator[str]:
     """`stream` for images already encoded; `on_finish` gets the whole Completion at the end.
 
-    Closing the iterator early stops the generation thread at its next step.
+    Generation runs on a thread of its own; closing the iterator early stops it at its next step.
     """
-    if settings.num_beams > 1:
-        # Beams are only settled at the end, so there is nothing to stream before that.
-        completion = generate_from_embeds(
-            model, [prompt], [image_embeds], settings, template_stops=template_stops, add_bos=add_bos
-        )[0]
-        if on_finish is not None:
-            on_finish(completion)
-        if completion.text:
-            yield completion.text
-        return
-    with torch.inference_mode():
-        prepared = prepare_inputs(model, [prompt], [image_embeds], add_bos)
-    stops, eos_ids = _stops(model, settings, template_stops)
-    criteria = StopCriteria(model.tokenizer, stops)
-    streamer = _QueueStreamer()
-    byte_ids = _byte_token_ids(model.tokenizer)
+    items: queue.Queue = queue.Queue()  # text pieces, then the Completion or an exception
+    cancelled = threading.Event()
 
     def work() -> None:
         try:
-            _run_generate(model, prepared, settings, criteria, eos_ids, streamer)
+            completion = stream_batch_from_embeds(
+                model, [prompt], [image_embeds], settings, lambda _row, text: items.put(text),
+                cancelled=[cancelled], template_stops=template_stops, add_bos=add_bos,
+            )[0]
         except BaseException as err:  # handed to the consumer, which re-raises it
-            streamer.queue.put(err)
+            items.put(err)
         else:
-            streamer.queue.put(None)
+            items.put(completion)
 
     thread = threading.Thread(target=work, name="minigpt4-generate", daemon=True)
     thread.start()
-    ids: list[int] = []
-    emitted = ""
     try:
         while True:
-            item = streamer.queue.get()
-            if item is None:
-                break
+            item = items.get()
             if isinstance(item, BaseException):
                 raise item
-            ids += item
-            stable = _stable_text(model.tokenizer, ids, stops, eos_ids, byte_ids)
-            if stable.startswith(emitted) and len(stable) > len(emitted):
-                yield stable[len(emitted):]
-                emitted = stable
-        text, count, reason = finish(model.tokenizer, ids, stops, eos_ids)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
-        elif not text.startswith(emitted):
-            log.warning("streamed text %r is not a prefix of the final answer %r", emitted, text)
-        if on_finish is not None:
-            on_finish(Completion(text, prepared.prompt_tokens[0], count, reason))
+            if not isinstance(item, str):
+                if on_finish is not None and item is not None:
+                    on_finish(item)
+                return
+            yield item
     finally:
-        criteria.cancel()
+        cancelled.set()
         thread.join()
 
 

@@ -84,7 +84,7 @@ class ChatService:
         self.preparing = asyncio.Semaphore(_CONCURRENT_PREPARES)
         self.scheduler = BatchScheduler(
             engine.generate,
-            engine.stream,
+            engine.stream_batch,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.batch_wait_ms / 1000.0,
             max_queue=config.max_queue,

@@ -7,8 +7,9 @@ this module only adapts the OpenAI message list to them and counts tokens for th
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -63,7 +64,7 @@ def to_conversation(turns: list[tuple[str, str, int]], default_system: str | Non
 class ModelEngine:
     """A loaded MiniGPT-4 with its conversation template, image transform and generation calls.
 
-    `render`, `count_tokens` and `pixels` run on request threads; `generate` and `stream` only on
+    `render`, `count_tokens` and `pixels` run on request threads; `generate` and `stream_batch` only on
     the scheduler's worker thread (the model is not thread-safe).
     """
 
@@ -96,9 +97,9 @@ class ModelEngine:
         return generation.generate(self.model, prompts, images, settings,
                         template_stops=self.template.stop, add_bos=self.template.add_bos)
 
-    def stream(
-        self, prompt: str, images: list[torch.Tensor], settings: GenerationSettings,
-        on_finish: Callable[[Completion], None],
-    ) -> Iterator[str]:
-        return generation.stream(self.model, prompt, images, settings, template_stops=self.template.stop,
-                      add_bos=self.template.add_bos, on_finish=on_finish)
+    def stream_batch(
+        self, prompts: list[str], images: list[list[torch.Tensor]], settings: GenerationSettings,
+        on_delta: Callable[[int, str], None], cancelled: list[threading.Event],
+    ) -> list[Completion | None]:
+        return generation.stream_batch(self.model, prompts, images, settings, on_delta, cancelled=cancelled,
+                                       template_stops=self.template.stop, add_bos=self.template.add_bos)

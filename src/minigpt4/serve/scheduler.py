@@ -4,10 +4,12 @@ The model is not thread-safe and one forward over B rows costs far less than B f
 request becomes a `Job` in a bounded queue. The worker takes the oldest job, waits at most
 `max_wait_s` (counted from that job's arrival) for compatible jobs — the same generation
 settings, since one `generate` call shares them — and runs up to `max_batch_size` rows at once.
-Streamed jobs run alone through the token streamer. A full queue refuses new jobs (`QueueFull`),
-which the API answers 429 with Retry-After. A cancelled job (client gone) leaves the queue at once;
-a running stream stops at its next token. If a batch fails, its jobs are rerun one by one, so one
-bad request cannot fail the others.
+Streamed jobs are batched the same way (with each other and with plain jobs): a batch holding a
+stream runs through the batched streamer, which hands every row its text as it is generated. A full
+queue refuses new jobs (`QueueFull`), which the API answers 429 with Retry-After. A cancelled job
+(client gone) leaves the queue at once; in a running streamed batch its rows stop at the next
+token. If a batch fails, its jobs are rerun one by one (those that have not streamed text yet), so
+one bad request cannot fail the others.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[list[str], list[list[Any]], Any], list[Any]]
-# stream_fn(prompt, images, settings, on_finish) yields text pieces, then calls on_finish(completion).
-StreamFn = Callable[[str, list[Any], Any, Callable[[Any], None]], Iterator[str]]
+# stream_fn(prompts, images, settings, on_delta(row, text), cancelled events per row) -> per row a
+# completion, or None for a row whose event was set (`minigpt4.chat.generation.stream_batch`).
+StreamFn = Callable[[list[str], list[list[Any]], Any, Callable[[int, str], None], list[threading.Event]], list[Any]]
 
 
 class QueueFull(Exception):
@@ -44,8 +47,8 @@ class Job:
     """One request: `n` rows of the same prompt and images.
 
     The worker reports through the callbacks, from its own thread: `on_done(result, error)` once
-    (result: a list of n completions; for a stream its one completion, or None when it was cut
-    short), and for streams `on_delta(text)` per piece of text.
+    (result: a list of n completions; for a stream its one completion; None with `SchedulerClosed`
+    when the client left), and for streams `on_delta(text)` per piece of text.
     """
 
     prompt: str
@@ -63,7 +66,7 @@ class Job:
         return self.on_delta is not None
 
     def batchable_with(self, other: "Job") -> bool:
-        return not (self.stream or other.stream or self.alone or other.alone) and self.settings == other.settings
+        return not (self.alone or other.alone) and self.settings == other.settings
 
 
 class BatchScheduler:
@@ -133,7 +136,7 @@ class BatchScheduler:
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if it still waits; a running stream stops at its next token."""
+        """The client is gone: drop the job if it still waits; in a running streamed batch its rows stop."""
         job.cancelled.set()
         with self._cond:
             try:
@@ -155,7 +158,7 @@ class BatchScheduler:
             first = self._queue.popleft()
             batch, rows = [first], first.n
             deadline = first.enqueued + self.max_wait_s
-            while not (first.stream or first.alone):
+            while not first.alone:
                 for job in list(self._queue):
                     if rows + job.n <= self.max_batch_size and job.batchable_with(first):
                         self._queue.remove(job)
@@ -175,10 +178,7 @@ class BatchScheduler:
                 return
             start = time.monotonic()
             try:
-                if batch[0].stream:
-                    self._run_stream(batch[0])
-                else:
-                    self._run_batch(batch)
+                self._run_batch(batch)
             except Exception as err:  # the worker must outlive any request
                 log.exception("batch of %d jobs failed", len(batch))
                 for job in batch:
@@ -191,46 +191,52 @@ class BatchScheduler:
                     self.rows_run += sum(job.n for job in batch)
                     self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
 
-    def _generate_rows(self, jobs: list[Job]) -> list[Any]:
-        prompts = [job.prompt for job in jobs for _ in range(job.n)]
-        images = [job.images for job in jobs for _ in range(job.n)]
-        completions = self._generate(prompts, images, jobs[0].settings)
+    def _generate_rows(self, jobs: list[Job], streamed: set[Job]) -> list[Any]:
+        """One model call for `jobs`; jobs that were handed text are added to `streamed`."""
+        owners = [job for job in jobs for _ in range(job.n)]  # the job of each row
+        prompts = [job.prompt for job in owners]
+        images = [job.images for job in owners]
+        if not any(job.stream for job in jobs):
+            completions = self._generate(prompts, images, jobs[0].settings)
+        else:
+            def on_delta(row: int, text: str) -> None:
+                job = owners[row]
+                if job.on_delta is not None:  # plain jobs in a streamed batch get their answer at the end
+                    streamed.add(job)
+                    job.on_delta(text)
+
+            completions = self._stream(prompts, images, jobs[0].settings, on_delta, [job.cancelled for job in owners])
         if len(completions) != len(prompts):
             raise RuntimeError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
         return completions
 
     def _run_batch(self, batch: list[Job]) -> None:
+        streamed: set[Job] = set()
         try:
-            completions = self._generate_rows(batch)
-        except Exception:
+            completions = self._generate_rows(batch, streamed)
+        except Exception as err:
             if len(batch) == 1:
                 raise
             log.exception("a batch of %d jobs failed; running them one by one", len(batch))
             for job in batch:
-                try:
-                    job.on_done(self._generate_rows([job]), None)
-                except Exception as err:
+                if job in streamed:  # its client already has part of an answer: a rerun would repeat it
                     job.on_done(None, err)
+                    continue
+                try:
+                    self._deliver([job], self._generate_rows([job], streamed))
+                except Exception as job_err:
+                    job.on_done(None, job_err)
             return
+        self._deliver(batch, completions)
+
+    def _deliver(self, batch: list[Job], completions: list[Any]) -> None:
         start = 0
         for job in batch:
-            job.on_done(completions[start:start + job.n], None)
+            rows = completions[start:start + job.n]
             start += job.n
-
-    def _run_stream(self, job: Job) -> None:
-        assert job.on_delta is not None
-        finished: list[Any] = []
-        deltas = self._stream(job.prompt, job.images, job.settings, finished.append)
-        try:
-            for text in deltas:
-                if job.cancelled.is_set():
-                    with self._cond:
-                        self.cancelled += 1
-                    break  # closing the generator below stops generation and frees the model
-                if text:
-                    job.on_delta(text)
-        finally:
-            close = getattr(deltas, "close", None)
-            if close is not None:
-                close()
-        job.on_done(finished[0] if finished else None, None)
+            if any(row is None for row in rows):  # cut short: the client left mid-answer
+                with self._cond:
+                    self.cancelled += 1
+                job.on_done(None, SchedulerClosed("cancelled"))
+            else:
+                job.on_done(rows[0] if job.stream else rows, None)
