@@ -3,8 +3,8 @@
     benchmarks/gpu_table.sh                     # CUDA: Vicuna-7B dims (random weights), original vision dims
     benchmarks/gpu_table.sh --device cpu --dims tiny --llm tiny --steps 1 --batch-stage1 2 --batch-stage2 2
 
-Both stage layouts run for a fixed number of steps, each in its own process, with the `fast`
-switches (SDPA, bf16 weights + autocast, LM head at target positions, length buckets) by default.
+Both stage layouts run for a fixed number of steps, each in its own process, with the GPU speed
+switches (`fast+sdpa`: SDPA, bf16 weights + autocast, LM head at target positions, length buckets).
 tokens/s counts LLM input positions (BOS, prompt, image positions, target; no padding) on one device.
 The published port reports stage-1 pretrain 8866 tokens/s on 4 cards at batch 64 (so ~2216 per card)
 and stage-2 finetune 2805 tokens/s on 1 card at batch 12 (Vicuna weights, 224 px).
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dims", choices=["tiny", "original"], default="original")
     parser.add_argument("--llm", default="vicuna7b", help="vicuna7b (random weights), tiny, smollm2 or a folder")
     parser.add_argument("--llm-layers", type=int, default=0, help="vicuna7b with fewer layers (dry runs); 0 = all 32")
-    parser.add_argument("--variant", default="fast", choices=list(TRAIN_VARIANTS))
+    parser.add_argument("--variant", default="fast+sdpa", choices=list(TRAIN_VARIANTS))
     parser.add_argument("--steps", type=int, default=20, help="timed iterations per stage")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-stage1", type=int, default=64)

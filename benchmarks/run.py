@@ -40,8 +40,8 @@ from benchmarks.worker import RESULT_PREFIX, execute
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PARTS = ("stage1", "stage2", "chat")
-DEFAULT_TRAIN = "baseline,sdpa,bf16,target-logits,buckets,cache,fast,fast+cache"
-DEFAULT_CHAT = "baseline,kv-cache,sdpa,bf16,fast,fast-batch4"
+DEFAULT_TRAIN = "baseline,sdpa,bf16,target-logits,buckets,cache,fast,fast+cache,fast+sdpa"
+DEFAULT_CHAT = "baseline,kv-cache,sdpa,bf16,fast,fast+sdpa,fast-batch4"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,11 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=None,
                         help=f"training variants, comma-separated (default {DEFAULT_TRAIN}; also: "
                              f"{', '.join(v for v in TRAIN_VARIANTS if v not in DEFAULT_TRAIN.split(','))})")
+    parser.add_argument("--stage1-variants", default=None, help="training variants for stage1 (default: --variants)")
     parser.add_argument("--chat-variants", default=DEFAULT_CHAT, help=f"chat variants (of {', '.join(CHAT_VARIANTS)})")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile variants (slow to compile on CPU)")
     parser.add_argument("--batch-stage1", type=int, default=None, help="stage-1 batch (default 8 tiny, 4 original)")
     parser.add_argument("--batch-stage2", type=int, default=None, help="stage-2 batch (default 4 tiny, 2 original)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 3 tiny, 1 original)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 3 tiny, 2 original)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one counts FLOPs)")
     parser.add_argument("--new-tokens", type=int, default=None, help="chat: tokens per answer (default 32 tiny, 16 original)")
     parser.add_argument("--device", default="cpu", help="torch device string (cpu, cuda, cuda:1, ...)")
@@ -79,24 +80,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.llm = ("vicuna7b" if cuda else "smollm2") if original else "tiny"
     args.batch_stage1 = args.batch_stage1 or (4 if original else 8)
     args.batch_stage2 = args.batch_stage2 or (2 if original else 4)
-    args.steps = args.steps or (1 if original else 3)
+    args.steps = args.steps or (2 if original else 3)
     args.new_tokens = args.new_tokens or (16 if original else 32)
     train = (args.variants or DEFAULT_TRAIN).split(",")
     if args.compile:
         train += [v for v in ("compile", "fast+compile") if v not in train]
-    args.train_variants = train
-    args.chat_variants = args.chat_variants.split(",")
-    for name in args.train_variants:
-        if name not in TRAIN_VARIANTS:
-            parser.error(f"unknown training variant {name!r}; choose from {', '.join(TRAIN_VARIANTS)}")
-    for name in args.chat_variants:
-        if name not in CHAT_VARIANTS:
-            parser.error(f"unknown chat variant {name!r}; choose from {', '.join(CHAT_VARIANTS)}")
-    if "baseline" not in args.train_variants or "baseline" not in args.chat_variants:
-        parser.error("every part needs the baseline variant: the ratios are taken against it")
-    # The baseline runs first: its fp32 towers are saved for the later variants to load.
-    args.train_variants = ["baseline"] + [v for v in args.train_variants if v != "baseline"]
-    args.chat_variants = ["baseline"] + [v for v in args.chat_variants if v != "baseline"]
+    if args.compile and args.stage1_variants:
+        args.stage1_variants += ",compile,fast+compile"
+    args.variants = {"stage2": train, "stage1": args.stage1_variants.split(",") if args.stage1_variants else train,
+                     "chat": args.chat_variants.split(",")}
+    for part, names in args.variants.items():
+        known = CHAT_VARIANTS if part == "chat" else TRAIN_VARIANTS
+        for name in names:
+            if name not in known:
+                parser.error(f"unknown {part} variant {name!r}; choose from {', '.join(known)}")
+        if "baseline" not in names:
+            parser.error(f"{part} needs the baseline variant: the ratios are taken against it")
+        # The baseline runs first: its fp32 towers are saved for the later variants to load.
+        args.variants[part] = ["baseline"] + [v for v in names if v != "baseline"]
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first warm-up step counts FLOPs)")
     return args
@@ -107,10 +108,10 @@ def specs_for(args: argparse.Namespace, part: str, workdir: str) -> list[Spec]:
                   seed=args.seed, threads=args.threads, workdir=workdir)
     if part == "chat":
         return [Spec(name, "chat", batch=1, new_tokens=args.new_tokens, switches=CHAT_VARIANTS[name], **common)
-                for name in args.chat_variants]
+                for name in args.variants["chat"]]
     batch = args.batch_stage1 if part == "stage1" else args.batch_stage2
     return [Spec(name, "train", layout=part, batch=batch, switches=TRAIN_VARIANTS[name], **common)
-            for name in args.train_variants]
+            for name in args.variants[part]]
 
 
 def run_variant(spec: Spec) -> dict:

@@ -9,6 +9,7 @@ trains on, or answers about, the same images and texts, so losses can be compare
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -61,6 +62,7 @@ def reset_peak_memory(device: torch.device) -> float:
     Returns the peak so far (GiB).
     """
     gc.collect()
+    _return_free_heap()
     before = peak_memory_gib(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,6 +72,17 @@ def reset_peak_memory(device: torch.device) -> float:
     except OSError:
         log.warning("cannot reset the peak RSS; it includes model building")
     return before
+
+
+def _return_free_heap() -> None:
+    """Give memory freed while building (e.g. fp32 weights cast to bf16) back to the OS (glibc only).
+
+    Otherwise the fragmented heap keeps it resident and a bf16 model looks bigger than an fp32 one.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -179,7 +192,10 @@ def build(spec: Spec):
         f"towers-{spec.dims}-{llm.config.hidden_size}-seed{spec.seed}.safetensors")
     if spec.workdir and towers.is_file():
         model = MiniGPT4(cfg, llm, tokenizer, towers_on_meta=True)
-        model.load_tower_state_dict(load_file(str(towers)), source=str(towers))
+        # Copies, not views of the file's memory map: a view kept alive (the fp32 projection of a bf16
+        # model) would keep the whole 4 GB mapping resident and count in the peak memory.
+        state = {key: tensor.clone() for key, tensor in load_file(str(towers)).items()}
+        model.load_tower_state_dict(state, source=str(towers))
     else:
         torch.manual_seed(spec.seed)
         model = MiniGPT4(cfg, llm, tokenizer)
@@ -332,6 +348,25 @@ def run_train(spec: Spec, model, scratch: Path) -> dict:
 # ------------------------------------------------------------------------------------ chat
 
 
+def decode_without_cache(llm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Greedy decoding in its plainest form: every step runs the LLM over the whole sequence.
+
+    (transformers' `generate(use_cache=False)` still keeps a cache in transformers 5, so the baseline
+    is written out here.) Returns the (B, tokens) new ids.
+    """
+    embed = llm.get_input_embeddings()
+    new_ids = []
+    for _ in range(tokens):
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        logits = llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions,
+                     use_cache=False).logits[:, -1]  # (B, V)
+        next_id = logits.argmax(dim=-1)  # (B,)
+        new_ids.append(next_id)
+        inputs_embeds = torch.cat([inputs_embeds, embed(next_id)[:, None]], dim=1)  # (B, L+1, H)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_id), 1)], dim=1)
+    return torch.stack(new_ids, dim=1)
+
+
 def run_chat(spec: Spec, model, scratch: Path) -> dict:
     """Time to first token (image encoding + prefill) and decode tokens/s through minigpt4.chat."""
     from transformers import GenerationConfig
@@ -351,9 +386,10 @@ def run_chat(spec: Spec, model, scratch: Path) -> dict:
 
     def decode(prepared, tokens: int) -> torch.Tensor:
         # A fixed answer length (min = max), so every variant decodes the same number of tokens.
-        config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                  use_cache=sw.kv_cache, pad_token_id=pad_token_id(model.tokenizer),
-                                  eos_token_id=model.tokenizer.eos_token_id)
+        if not sw.kv_cache:
+            return decode_without_cache(model.llm, prepared.inputs_embeds, prepared.attention_mask, tokens)
+        config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
+                                  pad_token_id=pad_token_id(model.tokenizer), eos_token_id=model.tokenizer.eos_token_id)
         return model.llm.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                   generation_config=config)
 

@@ -109,3 +109,24 @@ def test_benchmark_entry_point_smoke(tmp_path, capsys):
     assert train_rows["fast+cache"]["loss_rel_diff"] < 0.01
     chat_rows = {r["variant"]: r for r in report["parts"]["chat"]}
     assert chat_rows["fast"]["decode_tok_s"] > 0 and chat_rows["baseline"]["ttft_ratio"] == 1.0
+
+
+def test_baseline_decoding_without_cache_matches_generate(tiny_model):
+    """The chat baseline (whole sequence recomputed per token) decodes what `generate` with a KV cache does."""
+    from transformers import GenerationConfig
+
+    from benchmarks.worker import decode_without_cache
+    from minigpt4.chat.generation import encode_images, prepare_inputs
+    from minigpt4.processing.prompt import pad_token_id
+
+    image = torch.rand(3, 224, 224)
+    prompts = ["<Img><ImageHere></Img> a photo of", "a red circle <Img><ImageHere></Img> and the dog runs in the park"]
+    with torch.inference_mode():
+        prepared = prepare_inputs(tiny_model, prompts, encode_images(tiny_model, [[image], [image]]))
+        plain = decode_without_cache(tiny_model.llm, prepared.inputs_embeds, prepared.attention_mask, 6)
+        config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True,
+                                  pad_token_id=pad_token_id(tiny_model.tokenizer))
+        cached = tiny_model.llm.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
+                                         generation_config=config)
+    assert plain.shape == (2, 6)
+    assert torch.equal(plain, cached[:, -6:])
