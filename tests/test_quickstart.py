@@ -25,7 +25,8 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert len(summary["chat"]["turns"]) == 2
     assert (tmp_path / "qs" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
-    assert "held-out (12 new images): colour+shape" in proc.stdout
+    assert "held-out (12 new images, final model, stage-2 prompt): colour+shape" in proc.stdout
+    assert summary["heldout_stage1_captions"]["images"] == 12
     # The stage-1 run really learns: the loss of its last step is below that of its first.
     log = [json.loads(line) for line in (tmp_path / "qs" / "stage1" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
