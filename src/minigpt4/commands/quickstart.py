@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # batch-1 generation is faster on one thread on small CPUs
     record = json.loads(data.heldout.read_text())[0]
     image_path = data.heldout.parent / record["image"]
-    chat = Chat(model, eval_transform(model.config.vision.image_size), template="vicuna_v0")
+    # The stage-2 training layout, so the chat prompt is exactly what the model was fine-tuned on.
+    chat = Chat(model, eval_transform(model.config.vision.image_size), template="vicuna_v0_train")
     chat.upload(image_path)
     questions = ["Describe this image.", "What colour is the shape?"]
     answers = []
