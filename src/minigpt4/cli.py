@@ -12,6 +12,10 @@ import importlib
 import logging
 import sys
 
+class CommandError(Exception):
+    """A usage error a command reports as `error: ...` on stderr, exiting with status 2."""
+
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "loss": ("minigpt4.commands.loss", "build a model and print its loss on an image and a caption"),
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except CommandError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -128,11 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    try:
-        settings = generation_settings(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = generation_settings(args)
     done = done_keys(args.output)
     skipped: list[str] = []
     pending = (item for item in iter_items(inputs, skipped) if item.key not in done)

@@ -81,11 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides, words = split_overrides(args.words)
     question = " ".join(words).strip()
-    try:
-        settings = generation_settings(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = generation_settings(args)
     for path in args.image:
         if not path.is_file():
             print(f"error: --image {path}: no such file", file=sys.stderr)

@@ -30,11 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if rest:
         print(f"error: expected section.key=value overrides, got {' '.join(rest)}", file=sys.stderr)
         return 2
-    try:
-        settings = generation_settings(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    settings = generation_settings(args)
     from minigpt4.serve.gradio_app import build_demo, launch
 
     model = load_model(args, overrides)  # once, before the page is served

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minigpt4.chat.generation import GenerationSettings
 from minigpt4.chat.templates import TEMPLATE_NAMES
+from minigpt4.cli import CommandError
 
 # `section.key=value`: how an override differs from a question or a path among positional arguments.
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
@@ -50,6 +51,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bo
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The decoding flags as GenerationSettings; invalid values are a usage error."""
+    try:
+        return _generation_settings(args)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+
+
+def _generation_settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy,
