@@ -2,13 +2,15 @@
 
 Every setting lives in a dataclass whose defaults are the released MiniGPT-4 (Vicuna v0 13B layout,
 EVA-ViT-g/14, BLIP-2 Q-Former). A YAML file overrides only what differs, and `section.key=value`
-strings from the command line override the YAML. Unknown keys and wrong types are errors that name
-the key, so a typo never falls back silently to a default.
+strings from the command line override the YAML. Unknown keys, wrong types, non-finite numbers and
+numbers outside a field's range (declared once, on the field, with `bounded`) are errors that name the
+key, the value and the fix, so a typo never falls back silently to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +23,70 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+    """A config file or override names an unknown key or gives a value of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed interval of a numeric field (of each item, for a tuple of numbers)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is not allowed
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field with `default` whose value (or each item of it) must lie in the given bounds."""
+    bounds = Bounds(low=gt if gt is not None else ge, high=lt if lt is not None else le,
+                    low_open=gt is not None, high_open=lt is not None)
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _numbers(value: Any) -> list[float]:
+    """The numbers a field holds: itself, or the items of a tuple/list of numbers."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def check_ranges(config: Any, prefix: str = "", recursive: bool = True) -> None:
+    """Every number of dataclass `config` is finite and inside its field's `bounded` range.
+
+    Raises:
+        ConfigError: one line naming the key, the value, the allowed range and the default.
+    """
+    for f in dataclasses.fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        if recursive and dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        if recursive and isinstance(value, list):
+            for index, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, f"{key}[{index}].")
+        bounds: Bounds | None = f.metadata.get("bounds")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        hint = f" (default {default!r})" if default is not None else ""
+        for number in _numbers(value):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r} is not a finite number: set a finite value"
+                                  f"{' ' + str(bounds) if bounds else ''}{hint}")
+            if bounds is not None and number not in bounds:
+                raise ConfigError(f"{key}={value!r} is out of range: set {'each item' if value is not number else 'it'}"
+                                  f" {bounds}{hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,29 +99,29 @@ class VisionConfig:
     """The frozen image encoder. Defaults: EVA-ViT-g/14 as MiniGPT-4 builds it (39 of 40 blocks)."""
 
     arch: Literal["eva_vit_g", "efficientnet_lite0"] = "eva_vit_g"
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1408
-    depth: int = 39
-    num_heads: int = 16
-    mlp_dim: int = 6144  # int(1408 * 4.3637)
-    layer_norm_eps: float = 1e-6
+    image_size: int = bounded(224, ge=1)
+    patch_size: int = bounded(14, ge=1)
+    width: int = bounded(1408, ge=1)
+    depth: int = bounded(39, ge=1)
+    num_heads: int = bounded(16, ge=1)
+    mlp_dim: int = bounded(6144, ge=1)  # int(1408 * 4.3637)
+    layer_norm_eps: float = bounded(1e-6, gt=0)
     # ln_vision sits between the tower and the Q-Former; it has PyTorch's default eps, not the ViT's.
-    ln_vision_eps: float = 1e-5
+    ln_vision_eps: float = bounded(1e-5, gt=0)
 
 
 @dataclass
 class QFormerConfig:
     """The BLIP-2 Q-Former query path (BERT-base with cross-attention every 2nd layer)."""
 
-    num_query_tokens: int = 32
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    cross_attention_freq: int = 2
-    layer_norm_eps: float = 1e-12
-    dropout: float = 0.1
+    num_query_tokens: int = bounded(32, ge=1)
+    hidden_size: int = bounded(768, ge=1)
+    num_layers: int = bounded(12, ge=1)
+    num_heads: int = bounded(12, ge=1)
+    intermediate_size: int = bounded(3072, ge=1)
+    cross_attention_freq: int = bounded(2, ge=1)
+    layer_norm_eps: float = bounded(1e-12, gt=0)
+    dropout: float = bounded(0.1, ge=0, lt=1)
     # Frozen in MiniGPT-4. Only the embedded CPU preset trains it, because no pretrained
     # Q-Former exists for its vision tower.
     trainable: bool = False
@@ -182,7 +247,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"valid keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
         )
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    check_ranges(built, prefix, recursive=False)  # nested sections were checked by their own from_dict
+    return built
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -299,7 +366,7 @@ class DatasetSource:
     # webdataset: a brace-expanded shard pattern, e.g. /data/laion/{00000..10488}.tar;
     # aligned: a cc_sbu_align folder (filter_cap.json + image/{id}.jpg).
     path: str = ""
-    ratio: float = 1.0  # mixing weight among webdataset sources (the original mixes LAION:CC/SBU 115:14)
+    ratio: float = bounded(1.0, gt=0)  # mixing weight among webdataset sources (the original mixes LAION:CC/SBU 115:14)
 
 
 @dataclass
@@ -307,15 +374,15 @@ class DataConfig:
     """Where batches come from and how a sample is laid out. Defaults: the original stage 1."""
 
     datasets: list[DatasetSource] = field(default_factory=list)
-    batch_size: int = 64  # per process (the original: 64 x 4 GPUs in stage 1, 12 x 1 GPU in stage 2)
-    num_workers: int = 4
-    shuffle_buffer: int = 1000
+    batch_size: int = bounded(64, ge=1)  # per process (the original: 64 x 4 GPUs in stage 1, 12 x 1 GPU in stage 2)
+    num_workers: int = bounded(4, ge=0)
+    shuffle_buffer: int = bounded(1000, ge=0)
     # "" = no instruction prompt (stage 1: [BOS][image][caption]); "default" = the package's own
     # stage-2 prompts; anything else is a prompt file, one prompt per line, each with <ImageHere>.
     prompts: str = ""
     prompt_template: str = "{}"  # applied to every prompt line; stage 2: "###Human: {} ###Assistant: "
     end_sym: str = "\n"  # appended to every target ("###" in stage 2)
-    max_txt_len: int = 32  # target + end_sym, in tokens (160 in stage 2)
+    max_txt_len: int = bounded(32, ge=1)  # target + end_sym, in tokens (160 in stage 2)
     process_captions: bool = True  # blip_caption on webdataset captions (the aligned set uses raw captions)
     augment: bool = True  # RandomResizedCrop(scale 0.5-1) as the original; false = plain resize
     # A folder written by `minigpt4 cache-features` for these datasets: batches then carry the cached
@@ -327,28 +394,31 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, precision, logging, checkpoints. Defaults: the original stage 1 run."""
 
-    lr: float = 1e-4  # peak lr ("init_lr")
-    min_lr: float = 8e-5  # end of the cosine
-    warmup_lr: float = 1e-6  # start of the linear warmup
-    warmup_steps: int = 5000
+    lr: float = bounded(1e-4, gt=0)  # peak lr ("init_lr")
+    min_lr: float = bounded(8e-5, ge=0)  # end of the cosine
+    warmup_lr: float = bounded(1e-6, ge=0)  # start of the linear warmup
+    warmup_steps: int = bounded(5000, ge=0)
     # "legacy": the original's formula, including its lr step at the end of warmup (the default, so the
     # released recipes are reproduced); "continuous": warmup to lr, then cosine over the remaining steps.
     schedule: Literal["legacy", "continuous"] = "legacy"
-    epochs: int = 4
-    iters_per_epoch: int = 5000  # optimizer steps per "epoch" (the loaders are infinite)
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_accum: int = 1  # micro-batches per optimizer step
-    clip_grad_norm: float = 0.0  # 0 = no clipping (the original has none)
+    epochs: int = bounded(4, ge=1)
+    iters_per_epoch: int = bounded(5000, ge=1)  # optimizer steps per "epoch" (the loaders are infinite)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    grad_accum: int = bounded(1, ge=1)  # micro-batches per optimizer step
+    clip_grad_norm: float = bounded(0.0, ge=0)  # 0 = no clipping (the original has none)
+    # A step whose loss is NaN or infinite is skipped (no update; fp16 also lowers the loss scale) and
+    # counted; this many such steps in a row stop the run with a checkpoint.
+    max_nonfinite_steps: int = bounded(20, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp16"  # autocast dtype; fp16 (CUDA only) adds a GradScaler
     # > 1: the rows of each micro-batch are grouped by length into this many groups, and the LLM runs on
     # each group cut to its own longest row, so padding is not computed (same loss). 1 = one padded batch.
-    length_buckets: int = 1
-    seed: int = 42
-    log_every: int = 50  # steps
-    save_every: int = 0  # steps; 0 = at the end of every epoch (the original's cadence)
-    keep_last: int = 3  # checkpoints kept in output_dir
+    length_buckets: int = bounded(1, ge=1)
+    seed: int = bounded(42, ge=0, lt=2**31)  # numpy takes seeds below 2**32; + rank must fit
+    log_every: int = bounded(50, ge=1)  # steps
+    save_every: int = bounded(0, ge=0)  # steps; 0 = at the end of every epoch (the original's cadence)
+    keep_last: int = bounded(3, ge=1)  # checkpoints kept in output_dir
     output_dir: str = "output/run"
     resume: str = ""  # "" = fresh start, a checkpoint path, or "auto" = the newest checkpoint in output_dir
     # torch.distributed backend under torchrun: "auto" = nccl on CUDA, gloo otherwise.

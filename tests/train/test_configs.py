@@ -44,3 +44,61 @@ def test_overrides_and_unknown_keys():
         train_config(None, ["data.datasets=[{kind: tar, path: x}]"])
     with pytest.raises(ConfigError, match="unknown model preset"):
         train_config(None, ["preset=huge"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.save_every=-1", r"train\.save_every=-1 is out of range: set it >= 0 \(default 0\)"),
+        ("train.clip_grad_norm=-1.0", r"train\.clip_grad_norm=-1\.0 is out of range: set it >= 0"),
+        ("train.warmup_steps=-5", r"train\.warmup_steps=-5 is out of range: set it >= 0 \(default 5000\)"),
+        ("train.lr=0", r"train\.lr=0\.0 is out of range: set it > 0 \(default 0\.0001\)"),
+        ("train.lr=-1e-4", r"train\.lr=-0\.0001 is out of range: set it > 0"),
+        ("train.eps=0", r"train\.eps=0\.0 is out of range: set it > 0"),
+        ("train.weight_decay=-0.05", r"train\.weight_decay=-0\.05 is out of range: set it >= 0"),
+        ("data.num_workers=-1", r"data\.num_workers=-1 is out of range: set it >= 0 \(default 4\)"),
+        ("data.datasets=[{kind: webdataset, path: x, ratio: 0}]",
+         r"data\.datasets\[0\]\.ratio=0\.0 is out of range: set it > 0 \(default 1\.0\)"),
+        ("train.betas=[0.9, 1.0]", r"train\.betas=\(0\.9, 1\.0\) is out of range: set each item in \[0, 1\)"),
+        ("train.betas=[-0.1, 0.999]", r"train\.betas=\(-0\.1, 0\.999\) is out of range: set each item in \[0, 1\)"),
+        ("train.lr=.nan", r"train\.lr=nan is not a finite number: set a finite value > 0"),
+        ("train.min_lr=inf", r"train\.min_lr=inf is not a finite number"),
+        ("train.betas=[.nan, 0.999]", r"train\.betas=\(nan, 0\.999\) is not a finite number"),
+        ("model.qformer.dropout=-inf", r"model\.qformer\.dropout=-inf is not a finite number"),
+        ("model.vision.layer_norm_eps=0", r"model\.vision\.layer_norm_eps=0\.0 is out of range: set it > 0"),
+        ("data.batch_size=0", r"data\.batch_size=0 is out of range: set it >= 1"),
+        ("train.epochs=0", r"train\.epochs=0 is out of range: set it >= 1"),
+        ("train.max_nonfinite_steps=0", r"train\.max_nonfinite_steps=0 is out of range: set it >= 1"),
+        ("train.seed=-3", r"train\.seed=-3 is out of range"),
+    ],
+)
+def test_every_number_is_range_checked_naming_key_value_and_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        train_config(REPO / "configs" / "tiny_stage1.yaml", [override])
+
+
+def test_ranges_are_checked_again_on_configs_edited_in_python(tiny_llm_dir, tmp_path):
+    from minigpt4.train.loop import train
+
+    cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", ["data.datasets=[{kind: webdataset, path: x}]"])
+    cfg.train.weight_decay = float("nan")
+    with pytest.raises(ConfigError, match=r"train\.weight_decay=nan is not a finite number"):
+        train(cfg)  # before building anything
+
+
+def test_every_number_field_of_the_training_config_declares_a_range():
+    import dataclasses
+    import typing
+
+    from minigpt4.config import DatasetSource, TrainJobConfig
+
+    def unbounded(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from unbounded(hints[f.name], f"{prefix}{f.name}.")
+            elif isinstance(f.default, (int, float, tuple)) and not isinstance(f.default, bool):
+                if "bounds" not in f.metadata:
+                    yield prefix + f.name
+
+    assert list(unbounded(TrainJobConfig)) + list(unbounded(DatasetSource)) == []

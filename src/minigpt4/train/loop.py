@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from minigpt4.config import ConfigError, TrainJobConfig, from_dict, to_dict
+from minigpt4.config import ConfigError, TrainJobConfig, check_ranges, from_dict, to_dict
 from minigpt4.model.build import build_model
 from minigpt4.model.minigpt4 import MiniGPT4
 from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
@@ -165,18 +165,11 @@ def load_prompts_for(cfg: TrainJobConfig) -> list[str | None]:
 
 
 def check_config(cfg: TrainJobConfig) -> None:
-    """Fail before building anything on settings that cannot work."""
-    t = cfg.train
+    """Fail before building anything on settings that cannot work (ranges, then combinations)."""
+    check_ranges(cfg)  # again: the config may have been built or edited in Python, not through from_dict
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: list at least one dataset (kind, path)")
-    for name in ("epochs", "iters_per_epoch", "grad_accum", "log_every", "keep_last", "length_buckets"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
-    if cfg.data.max_txt_len < 1:
-        raise ConfigError(f"data.max_txt_len={cfg.data.max_txt_len} must be at least 1 (no target, no loss)")
-    if t.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
+    if cfg.train.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); "
                           "on CPU use train.precision=bf16 or fp32")
 
@@ -191,12 +184,30 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
 
 
 def drop_records_after(path: Path, step: int) -> None:
-    """Keep only the JSONL records of steps <= `step` (rewritten atomically)."""
+    """Keep only the JSONL records of steps <= `step` (rewritten atomically).
+
+    A line that does not parse is what a crash in the middle of a write leaves at the end: it is dropped
+    with a warning, so the resumed run appends to whole lines.
+    """
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            log.warning("%s line %d is torn or not a JSON record (a crash mid-write?): dropped (%r)", path, number,
+                        line[:80])
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if kept != lines or (text and not text.endswith("\n")):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
