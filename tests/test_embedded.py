@@ -83,7 +83,8 @@ def test_missing_wheels_name_the_pip_command(monkeypatch):
 def test_synthetic_data_layouts(tmp_path):
     import webdataset as wds
 
-    data = synthetic.generate(tmp_path, num_stage1=12, num_stage2=5, num_heldout=4, include_photos=False)
+    data = synthetic.generate(tmp_path, num_stage1=12, num_stage2=5, num_validation=4, num_test=3,
+                              include_photos=False)
     samples = list(wds.WebDataset(data.stage1_shards, shardshuffle=False, empty_check=False))
     assert len(samples) == 12
     for sample in samples:
@@ -96,8 +97,11 @@ def test_synthetic_data_layouts(tmp_path):
     assert len(annotations) == 5
     assert all((data.stage2_root / "image" / f"{a['image_id']}.jpg").is_file() for a in annotations)
     assert all(a["caption"].endswith("background.") for a in annotations)
-    heldout = json.loads(data.heldout.read_text())
-    assert [r["count"] for r in heldout] == [1, 1, 1, 1]
+    validation = json.loads(data.validation.read_text())
+    test = json.loads(data.test.read_text())
+    assert [r["count"] for r in validation] == [1, 1, 1, 1] and [r["count"] for r in test] == [1, 1, 1]
+    # The evaluation splits are drawn from their own seeds: no test image repeats a validation one.
+    assert not {r["seed"] for r in validation} & {r["seed"] for r in test}
     # Same seed, same image; the drawn colour really dominates the shape's pixels.
     image, scene = synthetic.draw_scene(7, colour="blue", shape="square", count_weights=(1, 0, 0))
     again, _ = synthetic.draw_scene(7, colour="blue", shape="square", count_weights=(1, 0, 0))
@@ -130,7 +134,7 @@ def test_parse_and_score():
 def test_feature_cache_roundtrip_and_staleness(tmp_path, tiny_model):
     from minigpt4.feature_cache import FeatureCache, StaleCacheError, build_cache, feature_batches
 
-    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_heldout=1, include_photos=False)
+    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_validation=1, num_test=1, include_photos=False)
     (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
     transform = eval_transform(224)
     count, skipped = build_cache(
@@ -165,7 +169,7 @@ def test_training_reads_the_feature_cache(tmp_path, tiny_llm_dir, monkeypatch):
     from minigpt4.model.build import build_model
     from minigpt4.train.loop import train
 
-    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_heldout=1, include_photos=False)
+    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1, include_photos=False)
     datasets = json.dumps([{"kind": "webdataset", "path": data.stage1_shards}])
     overrides = [f"model.llm.path={tiny_llm_dir}", f"data.datasets={datasets}", "data.augment=false",
                  f"data.feature_cache={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}",

@@ -21,12 +21,12 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["stage1"]["steps"] == 12 and summary["stage2"]["steps"] == 3
-    assert summary["stage1"]["tokens_per_s"] > 0 and summary["heldout"]["images"] == 12
+    assert summary["stage1"]["tokens_per_s"] > 0 and summary["test"]["images"] == 12
     assert len(summary["chat"]["turns"]) == 2
     assert (tmp_path / "qs" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "qs" / "model" / "model.safetensors").is_file()
-    assert "held-out (12 new images, final model, stage-2 prompt): colour+shape" in proc.stdout
-    assert summary["heldout_stage1_captions"]["images"] == 12
+    assert "test (12 images, final model, stage-2 prompt): colour+shape" in proc.stdout
+    assert summary["validation"]["images"] == 12 and summary["validation_stage1_captions"]["images"] == 12
     # The stage-1 run really learns: the loss of its last step is below that of its first.
     log = [json.loads(line) for line in (tmp_path / "qs" / "stage1" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]

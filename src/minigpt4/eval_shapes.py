@@ -77,12 +77,12 @@ def describe(
     return [c.text.strip() for c in completions]
 
 
-def evaluate_heldout(
-    model, heldout_json: str | Path, prompt: str = IMAGE_PLACEHOLDER, batch_size: int = 50, max_new_tokens: int = 16
+def evaluate_split(
+    model, split_json: str | Path, prompt: str = IMAGE_PLACEHOLDER, batch_size: int = 50, max_new_tokens: int = 16
 ) -> ShapeScore:
-    """Score the model on the held-out split written by `minigpt4.data.synthetic.generate`."""
-    heldout_json = Path(heldout_json)
-    records = json.loads(heldout_json.read_text())
+    """Score the model on an evaluation split (validation or test) written by `minigpt4.data.synthetic.generate`."""
+    split_json = Path(split_json)
+    records = json.loads(split_json.read_text())
     transform = eval_transform(model.config.vision.image_size)
     score = ShapeScore()
     was_training = model.training
@@ -90,7 +90,7 @@ def evaluate_heldout(
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            pixels = torch.stack([transform(load_image(heldout_json.parent / r["image"])) for r in chunk])
+            pixels = torch.stack([transform(load_image(split_json.parent / r["image"])) for r in chunk])
             for record, text in zip(chunk, describe(model, pixels, prompt, max_new_tokens), strict=True):
                 score.add(record["colour"], record["shape"], text)
     finally:

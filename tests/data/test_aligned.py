@@ -86,6 +86,11 @@ def test_prompt_file_lines_without_placeholder_are_dropped(tmp_path, caplog):
     path.write_text("<Img><ImageHere></Img> Describe it.\n\nno placeholder here\n<ImageHere> What is this?\n")
     assert load_prompts(str(path), "{}") == ["<Img><ImageHere></Img> Describe it.", "<ImageHere> What is this?"]
     assert "no placeholder here" in caplog.text
+    # Kept byte for byte, like the original's splitlines(): a trailing space is part of the prompt.
+    path.write_text("<Img><ImageHere></Img> Describe this image in detail. \n")
+    assert load_prompts(str(path), "###Human: {} ###Assistant: ") == [
+        "###Human: <Img><ImageHere></Img> Describe this image in detail.  ###Assistant: "
+    ]
     path.write_text("nothing usable\n")
     with pytest.raises(ValueError, match="no prompt containing <ImageHere>"):
         load_prompts(str(path), "{}")

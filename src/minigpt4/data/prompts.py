@@ -16,8 +16,10 @@ DEFAULT_PROMPTS = "resources/alignment_prompts.txt"
 def load_prompts(path: str | Path | None, template: str) -> list[str]:
     """Read prompts and wrap each in `template` (e.g. "###Human: {} ###Assistant: ").
 
-    Blank lines are ignored; a line without `<ImageHere>` is dropped with a warning, as the original does.
-    `path=None` reads the package's own four default prompts.
+    Lines are kept byte for byte, as the original's `splitlines()` keeps them (a trailing space stays part of
+    the prompt); blank lines are ignored and a line without `<ImageHere>` is dropped with a warning, as the
+    original does. `path=None` reads the package's own four default prompts (our wording, not the original's:
+    pass the original's `prompts/alignment.txt` to train on exactly its prompts).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -33,8 +35,7 @@ def load_prompts(path: str | Path | None, template: str) -> list[str]:
         label = str(path)
     prompts = []
     for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line:
+        if not line.strip():
             continue
         if IMAGE_PLACEHOLDER not in line:
             logger.warning("%s:%d has no %s and is dropped: %r", label, number, IMAGE_PLACEHOLDER, line)

@@ -9,7 +9,8 @@ Written layouts:
   "caption", `{key}.txt`), read by `minigpt4.data.webdataset.stage1_batches`;
 - stage 2: a cc_sbu_align-style folder (`filter_cap.json` + `image/{image_id}.jpg`) with longer
   descriptions, read by `minigpt4.data.aligned.stage2_batches`;
-- a held-out split (`heldout.json` + images) of new images, never used for training.
+- two evaluation splits of new single-shape images, never used for training: `validation/validation.json`
+  (for choosing learning rates and step counts) and `test/test.json` (for the scores we report).
 
 The real photos that ship inside scikit-image get captions written here by hand.
 """
@@ -208,10 +209,12 @@ class SyntheticData:
     root: Path
     stage1_shards: str  # brace pattern for stage1_batches, e.g. root/stage1/{00000..00003}.tar
     stage2_root: Path  # cc_sbu_align-style folder
-    heldout: Path  # heldout.json (list of scenes with their image paths)
+    validation: Path  # validation.json (list of scenes with their image paths): for choosing settings
+    test: Path  # test.json, same layout: for reporting, never looked at while choosing
     num_stage1: int
     num_stage2: int
-    num_heldout: int
+    num_validation: int
+    num_test: int
 
 
 def write_stage1(root: Path, items: list[tuple[str, Image.Image, str]], shard_size: int = 1000) -> str:
@@ -241,28 +244,49 @@ def write_stage2(root: Path, items: list[tuple[str, Image.Image, str]]) -> None:
     (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}, indent=1))
 
 
+# Each split draws its scenes from its own seed range (offset from the run's base), so the splits are disjoint.
+# The validation range is the one the earlier single "held-out" split used, on which the quickstart's settings
+# were chosen; the test range was added afterwards and never used to choose anything.
+SPLIT_SEED_OFFSETS = {"stage1": 0, "stage2": 3_000_000, "validation": 6_000_000, "test": 7_000_000}
+
+
+def write_eval_split(root: Path, name: str, first_seed: int, count: int) -> Path:
+    """Draw `count` single-shape scenes from seeds `first_seed...` into `root/{name}.json` + images."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(count):
+        image, scene = draw_scene(first_seed + i, count_weights=(1.0, 0.0, 0.0))
+        path = root / f"{name}{i:04d}.jpg"
+        path.write_bytes(_jpeg(image))
+        records.append({"image": path.name, **asdict(scene)})
+    index = root / f"{name}.json"
+    index.write_text(json.dumps(records, indent=1))
+    return index
+
+
 def generate(
     root: str | Path,
     num_stage1: int = 4800,
     num_stage2: int = 600,
-    num_heldout: int = 100,
+    num_validation: int = 100,
+    num_test: int = 100,
     seed: int = 0,
     include_photos: bool = True,
 ) -> SyntheticData:
-    """Generate the stage-1 shards, the stage-2 folder and the held-out split under `root`.
+    """Generate the stage-1 shards, the stage-2 folder and the validation and test splits under `root`.
 
-    The three splits use disjoint seed ranges, so no held-out image is ever trained on. Held-out
-    images hold a single shape (their colour and shape are what the evaluation scores).
+    The splits use disjoint seed ranges (`SPLIT_SEED_OFFSETS`), so no evaluation image is ever trained on.
+    Evaluation images hold a single shape (their colour and shape are what the evaluation scores).
     """
     root = Path(root)
     base = seed * 10_000_000
     stage1: list[tuple[str, Image.Image, str]] = []
     for i in range(num_stage1):
-        image, scene = draw_scene(base + i)
+        image, scene = draw_scene(base + SPLIT_SEED_OFFSETS["stage1"] + i)
         stage1.append((f"{i:09d}", image, scene.caption()))
     stage2: list[tuple[str, Image.Image, str]] = []
     for i in range(num_stage2):
-        image, scene = draw_scene(base + 3_000_000 + i)
+        image, scene = draw_scene(base + SPLIT_SEED_OFFSETS["stage2"] + i)
         stage2.append((f"shape{i}", image, scene.description()))
     if include_photos:
         for name, image, caption, description in skimage_photos():
@@ -272,16 +296,8 @@ def generate(
     random.Random(seed).shuffle(stage1)
     pattern = write_stage1(root / "stage1", stage1)
     write_stage2(root / "stage2", stage2)
-
-    heldout_dir = root / "heldout"
-    heldout_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(num_heldout):
-        image, scene = draw_scene(base + 6_000_000 + i, count_weights=(1.0, 0.0, 0.0))
-        path = heldout_dir / f"heldout{i:04d}.jpg"
-        path.write_bytes(_jpeg(image))
-        records.append({"image": path.name, **asdict(scene)})
-    (heldout_dir / "heldout.json").write_text(json.dumps(records, indent=1))
-    return SyntheticData(
-        root, pattern, root / "stage2", heldout_dir / "heldout.json", len(stage1), len(stage2), num_heldout
-    )
+    validation = write_eval_split(root / "validation", "validation", base + SPLIT_SEED_OFFSETS["validation"],
+                                  num_validation)
+    test = write_eval_split(root / "test", "test", base + SPLIT_SEED_OFFSETS["test"], num_test)
+    return SyntheticData(root, pattern, root / "stage2", validation, test, len(stage1), len(stage2), num_validation,
+                         num_test)
