@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -102,14 +103,18 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_seed(seed: int, out: Path, threads: int, fast: bool) -> dict:
-    """Run the quickstart for one seed in its own process; its summary.json plus this run's peak."""
-    peak = matmul_peak(torch.float32)
+def run_seed(seed: int, out: Path, threads: int, fast: bool, peak: float, log: Path | None) -> dict:
+    """Run the quickstart for one seed in its own process (console to `log` if given); its summary.json."""
     command = [sys.executable, "-m", "minigpt4.cli", "quickstart", "--seed", str(seed), "--output", str(out),
                "--threads", str(threads)] + (["--fast"] if fast else [])
-    print(f"$ {' '.join(command[1:])}", flush=True)
+    print(f"$ {' '.join(command[1:])}" + (f"  > {log}" if log else ""), flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    if log is None:
+        subprocess.run(command, check=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as console:
+            subprocess.run(command, check=True, stdout=console, stderr=subprocess.STDOUT)
     return {"seed": seed, "fp32_peak": peak, "wall_seconds": time.perf_counter() - started,
             "summary": json.loads((out / "summary.json").read_text())}
 
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/quickstart-seeds"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast", action="store_true", help="the quickstart's --fast plan (a smoke run)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at once (each with --threads; consoles go to OUTPUT/seed-N/console.log)")
     parser.add_argument("--summarize-only", action="store_true", help="only read OUTPUT/seeds.json and print")
     args = parser.parse_args(argv)
     record = args.output / "seeds.json"
@@ -128,13 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.output.mkdir(parents=True, exist_ok=True)
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        runs = [run_seed(seed, args.output / f"seed-{seed}", args.threads, args.fast) for seed in args.seeds]
-        report = {"started": started, "machine": machine(), "threads": args.threads, "fast": args.fast,
-                  "runs": runs}
+        # The peak before each seed when they run one after another; with --jobs > 1, once before they all start.
+        runs: list[dict] = []
+        if args.jobs == 1:
+            for seed in args.seeds:
+                runs.append(run_seed(seed, args.output / f"seed-{seed}", args.threads, args.fast,
+                                     matmul_peak(torch.float32), None))
+        else:
+            peak = matmul_peak(torch.float32)
+            with ThreadPoolExecutor(args.jobs) as pool:
+                runs = list(pool.map(lambda seed: run_seed(
+                    seed, args.output / f"seed-{seed}", args.threads, args.fast, peak,
+                    args.output / f"seed-{seed}" / "console.log"), args.seeds))
+        report = {"started": started, "machine": machine(), "threads": args.threads, "jobs": args.jobs,
+                  "fast": args.fast, "fp32_peak_after": matmul_peak(torch.float32), "runs": runs}
         record.write_text(json.dumps(report, indent=1))
     plan = "--fast plan" if report["fast"] else "full plan"
-    print(f"\nminigpt4 quickstart, {plan}, {len(report['runs'])} seed(s), {report['threads']} training thread(s); "
-          f"machine: {report['machine']}; started {report['started']}")
+    print(f"\nminigpt4 quickstart, {plan}, {len(report['runs'])} seed(s), {report['jobs']} at a time with "
+          f"{report['threads']} thread(s) each; machine: {report['machine']}; started {report['started']}; "
+          f"fp32 matmul peak after the runs: {report['fp32_peak_after'] / 1e9:.0f} GFLOP/s")
     print(table(report["runs"]))
     return 0
 

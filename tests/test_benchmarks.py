@@ -130,3 +130,27 @@ def test_baseline_decoding_without_cache_matches_generate(tiny_model):
                                          generation_config=config)
     assert plain.shape == (2, 6)
     assert torch.equal(plain, cached[:, -6:])
+
+
+def test_quickstart_seeds_table_reports_min_median_max_over_seeds(tmp_path, capsys):
+    """The README's quickstart table: per-seed rows, then min/median/max of each column over the seeds."""
+    from benchmarks import quickstart_seeds
+
+    def summary(total: float, test_right: int) -> dict:
+        score = {"images": 10, "colour_and_shape": test_right, "colour": test_right, "shape": 10,
+                 "accuracy": test_right / 10}
+        stage = {"final_loss": 0.5, "tokens_per_s": 100.0}
+        return {"total_seconds": total, "seconds": {"features": 1, "stage1": 2, "stage2": 3}, "stage1": stage,
+                "stage2": stage, "validation_stage1_captions": score, "validation": score, "test": score}
+
+    runs = [{"seed": seed, "fp32_peak": 1e11, "summary": summary(total, right)}
+            for seed, total, right in ((0, 600, 9), (1, 900, 5), (2, 660, 7))]
+    report = {"started": "now", "machine": "test", "threads": 2, "jobs": 1, "fast": False, "fp32_peak_after": 1e11,
+              "runs": runs}
+    (tmp_path / "seeds.json").write_text(json.dumps(report))
+    assert quickstart_seeds.main(["--output", str(tmp_path), "--summarize-only"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("|")}
+    # total minutes 10.0 / 11.0 / 15.0; test colour+shape 50% / 70% / 90%
+    assert "| 10.0 |" in rows["**min**"] and "| 50% |" in rows["**min**"]
+    assert "| 11.0 |" in rows["**median**"] and "| 70% |" in rows["**median**"]
+    assert "| 15.0 |" in rows["**max**"] and "| 90% |" in rows["**max**"]
