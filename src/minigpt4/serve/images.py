@@ -1,8 +1,9 @@
 """Turning an `image_url` into a decoded RGB image, with every limit checked before the work it guards.
 
-Order of checks for a `data:` URL: media type, encoded length (before base64 decoding), decoded
-length, container format and width x height from the header (before any pixel is decoded), then the
-full decode (truncated or corrupt files fail here). Remote http(s) URLs are fetched only when the
+Order of checks for a `data:` URL: media type, encoded length (before base64 decoding), then
+`load_image`'s: decoded length, container format, width x height from the header and the JPEG scan
+count (before any pixel is decoded), then the full decode (truncated or corrupt files fail here) and
+the EXIF orientation. Remote http(s) URLs are fetched only when the
 operator enabled them, and never more than `max_image_bytes` are read.
 """
 
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from minigpt4.processing.image import to_rgb
+from minigpt4.processing.image import ImageError, ImageTooLarge, load_image
 from minigpt4.serve.config import ServeConfig
 from minigpt4.serve.errors import APIError
 
@@ -84,33 +83,16 @@ def fetch_remote(url: str, label: str, param: str, max_bytes: int, timeout_s: fl
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, label: str, param: str, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image; the size is checked from the header before the pixels are decoded."""
-    if not data:
-        raise _bad(label, param, "the image is empty (0 bytes)")
+def decode_image(data: bytes, label: str, param: str, config: ServeConfig) -> Image.Image:
+    """Bytes -> upright RGB image through the one loading function, its errors as APIError 400."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
-            image = Image.open(io.BytesIO(data), formats=list(FORMATS))
-    except Image.DecompressionBombError as err:
-        # Pillow's own bomb check fires while reading the header, before ours can see the size.
-        raise _bad(label, param, f"the header declares far more pixels than the limit max_image_pixels={max_pixels} "
-                   f"(Pillow: {err})", code="image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise _bad(label, param, f"not a readable PNG, JPEG or WebP image ({err})") from None
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise _bad(label, param, f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise _bad(
-            label, param, f"{width}x{height} = {width * height} pixels exceeds the limit max_image_pixels={max_pixels}",
-            code="image_too_large",
-        )
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _bad(label, param, f"the {image.format} data cannot be decoded, it is truncated or corrupt ({err})") from None
-    return to_rgb(image)
+        # "image 0 (messages.0...)" -> "0 (messages.0...)": load_image's messages say "image" themselves.
+        return load_image(data, name=label.removeprefix("image "), max_bytes=config.max_image_bytes,
+                          max_pixels=config.max_image_pixels, formats=list(FORMATS))
+    except ImageTooLarge as err:
+        raise APIError(400, str(err), param=param, code="image_too_large") from None
+    except ImageError as err:
+        raise APIError(400, str(err), param=param, code="invalid_image") from None
 
 
 def load_image_url(url: str, label: str, param: str, config: ServeConfig) -> Image.Image:
@@ -128,6 +110,4 @@ def load_image_url(url: str, label: str, param: str, config: ServeConfig) -> Ima
         data = fetch_remote(url, label, param, config.max_image_bytes, config.remote_image_timeout_s)
     else:
         raise _bad(label, param, f"unsupported URL scheme {scheme or '(none)'!r}; use a data:image/...;base64 URL")
-    if len(data) > config.max_image_bytes:
-        raise _too_many_bytes(label, param, len(data), config.max_image_bytes)
-    return decode_image(data, label, param, config.max_image_pixels)
+    return decode_image(data, label, param, config)
