@@ -4,7 +4,8 @@ Each loader maps the file's keys onto this package's module names with an explic
 loads every submodule strictly: a missing, unexpected or mis-shaped tensor is an error that names
 it. The keys a file holds on purpose but that are not used are listed below with the reason, and
 logged when skipped. Files are read with `torch.load(weights_only=True)`: nothing is unpickled
-beyond tensors and plain containers.
+beyond tensors and plain containers. Every floating tensor read is checked finite once, at load:
+a NaN or infinity in a file is an error that names the file and the tensor.
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            state = load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file ({size} bytes): {err}") from err
+        check_finite(state, str(path))
+        return state
     if not (head.startswith(b"PK") or head.startswith(b"\x80")):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: no zip or pickle header ({size} bytes)")
     try:
@@ -108,7 +111,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes): {err}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    check_finite(obj, str(path))
     return obj
+
+
+def check_finite(tree: Any, source: str, prefix: str = "") -> None:
+    """Raise CheckpointError naming the first floating tensor in `tree` (nested dicts/lists) with a NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not tree.is_meta and not bool(torch.isfinite(tree).all()):
+            kind = "NaN" if bool(torch.isnan(tree).any()) else "infinite"
+            raise CheckpointError(
+                f"{source}: tensor {prefix or '(top level)'} {tuple(tree.shape)} holds {kind} values; "
+                "the file is corrupt or was saved from a diverged run"
+            )
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            check_finite(value, source, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            check_finite(value, source, f"{prefix}[{index}]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +137,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _names(keys: Iterable[str], limit: int = 12) -> str:
+def name_list(keys: Iterable[str], limit: int = 12) -> str:
+    """Sorted keys joined with ", ", the first `limit` of them when there are more."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -145,8 +167,12 @@ def assign_strict(
     required = set(expected or [])
     unknown = [k for k in state if k.partition(".")[0] not in dict(model.named_children())]
     if unknown:
-        problems.append(f"unexpected keys: {_names(file_keys.get(k, k) for k in unknown)}")
+        problems.append(f"unexpected keys: {name_list(file_keys.get(k, k) for k in unknown)}")
     for head, sub in groups.items():
+        not_tensors = [f"{head}.{k}" for k, v in sub.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            problems.append(f"entries that are not tensors: {name_list(file_keys.get(k, k) for k in not_tensors)}")
+            continue
         target = dict(model.named_children()).get(head)
         if target is None:
             continue
@@ -154,17 +180,26 @@ def assign_strict(
         required |= {f"{head}.{k}" for k in own}
         extra = set(sub) - set(own)
         if extra:
-            problems.append(f"unexpected keys: {_names(file_keys.get(f'{head}.{k}', f'{head}.{k}') for k in extra)}")
+            problems.append(f"unexpected keys: {name_list(file_keys.get(f'{head}.{k}', f'{head}.{k}') for k in extra)}")
         wrong = [
             f"{file_keys.get(f'{head}.{k}', f'{head}.{k}')} (file {tuple(sub[k].shape)}, model {tuple(own[k].shape)})"
             for k in sub.keys() & own.keys()
             if sub[k].shape != own[k].shape
         ]
         if wrong:
-            problems.append(f"shape mismatches: {_names(wrong)}")
+            problems.append(f"shape mismatches: {name_list(wrong)}")
+        # Floating weights may come in any floating dtype (the model casts them); anything else must match.
+        mistyped = [
+            f"{file_keys.get(f'{head}.{k}', f'{head}.{k}')} (file {sub[k].dtype}, model {own[k].dtype})"
+            for k in sub.keys() & own.keys()
+            if (sub[k].dtype != own[k].dtype)
+            and not (sub[k].dtype.is_floating_point and own[k].dtype.is_floating_point)
+        ]
+        if mistyped:
+            problems.append(f"wrong dtypes: {name_list(mistyped)}")
     missing = required - set(state)
     if missing:
-        problems.append(f"missing keys: {_names(missing)}")
+        problems.append(f"missing keys: {name_list(missing)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     for head, sub in groups.items():
@@ -182,7 +217,7 @@ def _split_ignored(
         else:
             skipped[reason].append(key)
     for reason, keys in skipped.items():
-        log.info("%s: skipping %d tensor(s), %s: %s", source, len(keys), reason, _names(keys, 4))
+        log.info("%s: skipping %d tensor(s), %s: %s", source, len(keys), reason, name_list(keys, 4))
     return kept
 
 
@@ -279,10 +314,10 @@ def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{source} has no 'model' entry: not a MiniGPT-4 checkpoint")
     state = _split_ignored(ckpt["model"], PROJECTION_IGNORED, source)
-    if "llama_proj.weight" not in state or "llama_proj.bias" not in state:
+    if not all(isinstance(state.get(k), torch.Tensor) for k in ("llama_proj.weight", "llama_proj.bias")):
         raise CheckpointError(
             f"{source} has no llama_proj.weight/llama_proj.bias: not a MiniGPT-4 projection checkpoint "
-            f"(its 'model' entry holds {_names(state, 6) or 'nothing'})"
+            f"(its 'model' entry holds {name_list(state, 6) or 'nothing'})"
         )
     return {("proj." + k.removeprefix("llama_proj.")) if k.startswith("llama_proj.") else k: v for k, v in state.items()}
 

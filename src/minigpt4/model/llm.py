@@ -7,6 +7,7 @@ Nothing is fetched from a hub: a missing folder is an error that names `model.ll
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from minigpt4.config import LLMConfig
+from minigpt4.convert import CheckpointError, check_finite, name_list
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,36 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+# Keys transformers may report that are legitimately absent or surplus, and why.
+ALLOWED_UNEXPECTED = [
+    (r"\.rotary_emb\.inv_freq$", "a constant rotary buffer that older LLaMA/Vicuna files store"),
+]
+ALLOWED_MISSING_WHEN_TIED = "lm_head.weight"  # shares the input embeddings when the config ties them
+
+
+def check_loading_report(llm: PreTrainedModel, report: dict, source: str) -> None:
+    """Every load is strict: raise CheckpointError naming the keys transformers found missing,
+    unexpected or mis-shaped (it only logs them, and initialises missing weights randomly)."""
+    tied = bool(getattr(llm.config, "tie_word_embeddings", False))
+    missing = {k for k in report.get("missing_keys", ()) if not (tied and k == ALLOWED_MISSING_WHEN_TIED)}
+    unexpected = set()
+    for key in report.get("unexpected_keys", ()):
+        reason = next((why for pattern, why in ALLOWED_UNEXPECTED if re.search(pattern, key)), None)
+        if reason is None:
+            unexpected.add(key)
+        else:
+            log.info("%s: ignoring %s, %s", source, key, reason)
+    mismatched = {
+        key if isinstance(key, str) else f"{key[0]} (file {tuple(key[1])}, model {tuple(key[2])})"
+        for key in report.get("mismatched_keys", ())
+    }
+    problems = [f"{label}: {name_list(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    problems += [str(msg) for msg in report.get("error_msgs", ())]
+    if problems:
+        raise CheckpointError(f"the LLM in {source} does not fit its config: " + "; ".join(problems))
 
 
 def _quantization_config(cfg: LLMConfig, device: torch.device):
@@ -83,7 +115,15 @@ def load_llm(
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
-    llm = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        # Mismatched shapes are reported (and then refused below) rather than raised without their names.
+        llm, report = AutoModelForCausalLM.from_pretrained(
+            str(path), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except (OSError, ValueError, RuntimeError) as err:  # transformers' errors for unreadable or mis-shaped files
+        raise CheckpointError(f"model.llm.path={cfg.path!r}: the LLM could not be loaded: {err}") from err
+    check_loading_report(llm, report, str(path))
+    check_finite(dict(llm.state_dict()), f"the LLM in {path}")
     if quantization is None:
         llm.to(device)
     llm.requires_grad_(False)

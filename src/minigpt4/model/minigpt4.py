@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minigpt4.config import ModelConfig, from_dict, to_dict
+from minigpt4.config import ConfigError, ModelConfig, from_dict, to_dict
+from minigpt4.convert import CheckpointError, read_checkpoint
 from minigpt4.model.llm import DTYPES, load_llm
 from minigpt4.model.qformer import QFormer
 from minigpt4.model.vision import build_vision_tower
@@ -27,6 +28,36 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
+CONFIG_KEYS = {"format_version", "model"}
+
+
+def read_folder_config(directory: Path) -> ModelConfig:
+    """The ModelConfig in a save_pretrained folder's config.json; anything malformed is a CheckpointError."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a folder written by save_pretrained")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 text ({err}): the file is corrupt") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, expected an object with 'format_version'")
+    unknown = sorted(set(meta) - CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(CONFIG_KEYS))}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}: not a folder written by "
+            "this version of save_pretrained"
+        )
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path}: 'model' must be an object (the model config), got {meta.get('model')!r}")
+    try:
+        return from_dict(ModelConfig, meta["model"], prefix="model.")
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from err
 
 
 def find_meta_tensors(module: nn.Module) -> list[str]:
@@ -308,13 +339,10 @@ class MiniGPT4(nn.Module):
     ) -> "MiniGPT4":
         """Load a folder written by `save_pretrained`. A relative LLM path is relative to the folder."""
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a folder written by save_pretrained")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: unsupported format_version {meta.get('format_version')!r}")
-        config = from_dict(ModelConfig, meta["model"])
+        config = read_folder_config(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the folder is incomplete")
         llm_path = Path(config.llm.path)
         if not llm_path.is_absolute():
             config.llm.path = str(directory / llm_path)
@@ -325,6 +353,6 @@ class MiniGPT4(nn.Module):
         torch_dtype = DTYPES[config.dtype]
         llm_model, tokenizer = load_llm(config.llm, torch_dtype, config.device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
-        model.load_tower_state_dict(load_file(str(directory / WEIGHTS_NAME)), source=str(directory / WEIGHTS_NAME))
+        model.load_tower_state_dict(read_checkpoint(weights), source=str(weights))
         model.lock()
         return model.place(config.device, torch_dtype)

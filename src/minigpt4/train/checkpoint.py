@@ -90,14 +90,47 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+# The entries resume reads, and the type each must have.
+_ENTRIES: dict[str, tuple[type, ...]] = {
+    "model": (dict,), "optimizer": (dict,), "scaler": (dict, type(None)), "step": (int,), "epoch": (int,),
+    "data": (dict,), "rng": (list, tuple), "skipped": (int,), "config": (dict,),
+}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint written by `save_atomic` (tensors and plain containers only)."""
+    """Read a training checkpoint written by `save_atomic` (tensors and plain containers only).
+
+    Every entry resume reads is checked for presence and type, so a damaged file is one
+    CheckpointError naming the file and the entry, not a KeyError halfway through resuming.
+    """
     state = read_checkpoint(path)
     if state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a minigpt4 training checkpoint (format {state.get('format')!r}, expected {FORMAT!r}). "
             "To start from released weights instead, set model.weights.projection to it."
         )
+    for name, types in _ENTRIES.items():
+        if name not in state:
+            raise CheckpointError(f"{path} has no {name!r} entry: the checkpoint is incomplete")
+        value = state[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, expected "
+                                  + " or ".join(t.__name__ for t in types))
+    not_tensors = sorted(str(k) for k, v in state["model"].items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{path}: model entries {not_tensors[:8]} are not tensors")
+    if state["step"] < 0 or not isinstance(state["data"].get("batches"), int):
+        raise CheckpointError(f"{path}: step {state['step']!r} / data.batches {state['data'].get('batches')!r} "
+                              "must be non-negative integers")
+    for section in ("data", "train"):
+        if not isinstance(state["config"].get(section), dict):
+            raise CheckpointError(f"{path}: config.{section} is missing or not a mapping")
+    for key in ("seed", "grad_accum"):
+        if not isinstance(state["config"]["train"].get(key), int):
+            raise CheckpointError(f"{path}: config.train.{key} is missing or not an integer")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise CheckpointError(f"{path}: the optimizer entry lacks its 'state' mapping or 'param_groups' list")
     return state
 
 
@@ -126,6 +159,12 @@ def load_trainable_state_dict(model: MiniGPT4, state: dict[str, torch.Tensor], s
             f"{source} {'holds' if qformer else 'lacks'} Q-Former weights but model.qformer.trainable is "
             f"{model.config.qformer.trainable}: resume with the model config the checkpoint was trained with"
         )
+    for name, module, sub in (("llama_proj", model.proj, proj), ("qformer", model.qformer, qformer)):
+        own = module.state_dict()
+        mistyped = [f"{name}.{k} ({v.dtype})" for k, v in sub.items()
+                    if k in own and v.dtype.is_floating_point != own[k].dtype.is_floating_point]
+        if mistyped:
+            raise CheckpointError(f"{source}: wrong dtype for {', '.join(mistyped[:8])}: expected floating point")
     try:
         model.proj.load_state_dict(proj, strict=True)
         if qformer:
