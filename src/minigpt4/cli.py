@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minigpt4.commands.chat", "ask about images from the terminal: one question, or an interactive session"),
     "caption": ("minigpt4.commands.caption", "describe folders, image lists or webdataset shards in batches (JSONL)"),
     "demo": ("minigpt4.commands.demo", "the Gradio web demo: upload an image and chat about it"),
+    "fetch": ("minigpt4.commands.fetch", "download and verify the released weights of a preset into the cache"),
 }
 
 
@@ -62,4 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: under `python -m` this file is `__main__`, and commands raise
+    # `minigpt4.cli.CommandError`, a different class from `__main__.CommandError`.
+    from minigpt4.cli import main as package_main
+
+    sys.exit(package_main())
