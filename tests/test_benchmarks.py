@@ -41,15 +41,14 @@ def test_cached_uncached_and_bucketed_training_give_the_same_loss(tmp_path, tiny
     """`train()` from the frozen-feature cache (and with length buckets) computes the loss of the same batch as
     from pixels (eval transform)."""
     from minigpt4.feature_cache import build_cache, data_transform
-    from minigpt4.model.build import build_model
+    from minigpt4.model.build import build_job_model
     from minigpt4.train.loop import train
 
     uncached = _tiny_job(tmp_path / "pixels", tiny_llm_dir, aligned_folder)
     from_pixels = train(uncached)
 
     # The cache is made by the same frozen towers the training run builds (same seed -> same weights).
-    torch.manual_seed(uncached.train.seed)
-    model = build_model(uncached.model)
+    model = build_job_model(uncached)
     build_cache(model, [("aligned", str(aligned_folder))], tmp_path / "cache", data_transform(uncached), batch_size=4)
     cached = _tiny_job(tmp_path / "features", tiny_llm_dir, aligned_folder, **{"data.feature_cache": tmp_path / "cache"})
     from_cache = train(cached)

@@ -1,5 +1,5 @@
-"""The embedded default: real EfficientNet-Lite0 weights, the SmolLM2 conversion, synthetic data,
-the held-out scorer and the frozen-feature cache."""
+"""The embedded default: real EfficientNet-Lite0 weights, the SmolLM2 conversion, synthetic data
+and the held-out scorer (the frozen-feature cache: tests/train/test_feature_cache.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from minigpt4.config import VisionConfig
 from minigpt4.data import synthetic
 from minigpt4.eval_shapes import ShapeScore, parse_description
-from minigpt4.processing.image import eval_transform, train_transform
+from minigpt4.processing.image import eval_transform
 
 
 @pytest.fixture(scope="module")
@@ -129,63 +129,6 @@ def test_parse_and_score():
     score.add("green", "star", "green stars on white")
     assert (score.total, score.both_right, score.colour_right, score.shape_right) == (4, 2, 3, 3)
     assert score.accuracy == 0.5 and "2/4 = 50%" in score.summary()
-
-
-def test_feature_cache_roundtrip_and_staleness(tmp_path, tiny_model):
-    from minigpt4.feature_cache import FeatureCache, StaleCacheError, build_cache, feature_batches
-
-    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_validation=1, num_test=1, include_photos=False)
-    (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
-    transform = eval_transform(224)
-    count, skipped = build_cache(
-        tiny_model, [("webdataset", data.stage1_shards), ("aligned", str(data.stage2_root))], tmp_path / "cache",
-        transform, batch_size=4
-    )
-    assert count == 11 and [s.key for s in skipped] == ["shape5"]
-    cache = FeatureCache(tmp_path / "cache", tiny_model, transform)
-    sample = cache.datasets[1][0]
-    image = Image.open(data.stage2_root / "image" / f"{sample.key}.jpg")
-    expected = tiny_model.frozen_features(transform(image).unsqueeze(0))
-    assert torch.allclose(cache.features(sample, 0).float(), expected[0], atol=2e-2)
-
-    batches = feature_batches(cache, 2, seed=3, ratios=[1.0, 1.0])
-    first = [next(batches) for _ in range(5)]
-    resumed = next(feature_batches(cache, 2, seed=3, ratios=[1.0, 1.0], start_batch=4))
-    assert resumed["key"] == first[4]["key"] and torch.equal(resumed["features"], first[4]["features"])
-    assert first[0]["features"].shape == (2, *expected.shape[1:]) and first[0]["features"].dtype == torch.float32
-
-    with pytest.raises(StaleCacheError, match="another image transform"):
-        FeatureCache(tmp_path / "cache", tiny_model, train_transform(224))
-    with torch.no_grad():
-        tiny_model.vision.blocks[0].mlp.fc1.weight.add_(0.01)
-    with pytest.raises(StaleCacheError, match="minigpt4 cache-features"):
-        FeatureCache(tmp_path / "cache", tiny_model, transform)
-
-
-def test_training_reads_the_feature_cache(tmp_path, tiny_llm_dir, monkeypatch):
-    """`data.feature_cache` makes the training loop train from cached features (no tower at all)."""
-    from minigpt4.config import train_config
-    from minigpt4.feature_cache import StaleCacheError, build_cache, data_transform
-    from minigpt4.model.build import build_model
-    from minigpt4.train.loop import train
-
-    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1, include_photos=False)
-    datasets = json.dumps([{"kind": "webdataset", "path": data.stage1_shards}])
-    overrides = [f"model.llm.path={tiny_llm_dir}", f"data.datasets={datasets}", "data.augment=false",
-                 f"data.feature_cache={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}",
-                 "train.epochs=1", "train.iters_per_epoch=3", "train.tensorboard=false", "model.vision.image_size=224"]
-    cfg = train_config("configs/tiny_stage1.yaml", overrides)
-    torch.manual_seed(cfg.train.seed)  # the loop builds its random tiny towers from the same seed
-    model = build_model(cfg.model)
-    build_cache(model, [("webdataset", data.stage1_shards)], tmp_path / "cache", data_transform(cfg), batch_size=4)
-    from minigpt4.model.vision import EvaViT
-
-    monkeypatch.setattr(EvaViT, "forward", lambda *a: pytest.fail("training from the cache must not run the tower"))
-    result = train(cfg)
-    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
-
-    with pytest.raises(StaleCacheError, match="another image transform"):
-        train(train_config("configs/tiny_stage1.yaml", [*overrides[:2], *overrides[3:], "data.augment=true"]))
 
 
 def test_embedded_job_config_uses_the_embedded_preset():

@@ -1,7 +1,9 @@
 """`minigpt4 cache-features`: precompute the frozen features of a training config's datasets.
 
 Train from the result with `data.feature_cache=DIR` (the same config otherwise): batches then carry
-cached features instead of pixels, and the frozen tower is never run during training.
+cached features instead of pixels, and the frozen tower is never run during training. The model is
+built exactly as `minigpt4 train` builds it (`build_job_model`: same files, same seed for random parts),
+so the cache's fingerprint matches the training run's.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from pathlib import Path
 
 import torch
 
+from minigpt4.cli import CommandError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="the training YAML whose model and data.datasets to use")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `minigpt4 train`")
     parser.add_argument("--output", type=Path, required=True, help="the cache folder to write")
-    parser.add_argument("--views", type=int, default=1, help="augmented views per image (with data.augment=true)")
+    parser.add_argument("--views", type=int, default=1,
+                        help="augmented views per image; data.augment=true needs at least 2 (one is drawn per pass)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
@@ -25,37 +30,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from minigpt4.config import train_config
+    from minigpt4.config import ConfigError, train_config
+    from minigpt4.data import summarize_skips
     from minigpt4.feature_cache import build_cache, data_transform
-    from minigpt4.model.build import build_model
+    from minigpt4.model.build import build_job_model
 
+    if args.views < 1 or args.batch_size < 1 or args.threads < 0:
+        raise CommandError(f"--views {args.views}, --batch-size {args.batch_size}, --threads {args.threads}: "
+                           "views and batch size must be at least 1, threads at least 0")
+    if args.output.exists() and not args.output.is_dir():
+        raise CommandError(f"--output {args.output} is a file; give a folder for the cache")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = train_config(args.config, args.overrides)
+    try:
+        cfg = train_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        raise CommandError(str(err)) from err
     if not cfg.data.datasets:
-        print("data.datasets is empty: nothing to cache")
-        return 2
+        raise CommandError("data.datasets is empty: nothing to cache")
     if args.views > 1 and not cfg.data.augment:
-        print(f"--views {args.views} with data.augment=false would store {args.views} identical copies; use --views 1")
-        return 2
+        raise CommandError(f"--views {args.views} with data.augment=false would store {args.views} identical "
+                           "copies; use --views 1")
+    if args.views == 1 and cfg.data.augment:
+        raise CommandError("data.augment=true draws a new random crop every pass, which one cached view cannot "
+                           "stand in for; pass --views 4 (or more), or set data.augment=false")
     start = time.perf_counter()
-    model = build_model(cfg.model)
-    transform = data_transform(cfg)
+    model = build_job_model(cfg)
     bar = tqdm(desc="caching features", unit="img")
-    count, skipped = build_cache(
-        model,
-        [(d.kind, d.path) for d in cfg.data.datasets],
-        args.output,
-        transform,
-        views=args.views,
-        batch_size=args.batch_size,
-        process_captions=cfg.data.process_captions,
-        seed=cfg.train.seed,
-        progress=bar.update,
-    )
-    bar.close()
+    try:
+        count, skipped = build_cache(
+            model,
+            [(d.kind, d.path) for d in cfg.data.datasets],
+            args.output,
+            data_transform(cfg),
+            views=args.views,
+            batch_size=args.batch_size,
+            process_captions=cfg.data.process_captions,
+            seed=cfg.train.seed,
+            progress=bar.update,
+        )
+    except (FileNotFoundError, ValueError) as err:  # a dataset path that leads to no usable input
+        raise CommandError(str(err)) from err
+    finally:
+        bar.close()
     print(f"cached {count} images x {args.views} view(s) in {time.perf_counter() - start:.0f} s -> {args.output}")
     if skipped:
-        print(f"skipped {len(skipped)} bad samples (see the warnings above)")
+        print(f"{summarize_skips(skipped)} (see the warnings above)")
     print(f"train from it with: data.feature_cache={args.output}")
     return 0

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.embedded import prepare_smollm2
     from minigpt4.eval_shapes import evaluate_split
     from minigpt4.feature_cache import build_cache, data_transform
-    from minigpt4.model.build import build_model
+    from minigpt4.model.build import build_job_model
     from minigpt4.model.minigpt4 import MiniGPT4
     from minigpt4.processing.image import eval_transform
     from minigpt4.train.loop import train
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- 3. frozen features, once (the frozen tower never runs during training)
     print("[3/7] caching the frozen EfficientNet-Lite0 features")
-    model = build_model(cfg1.model)
+    model = build_job_model(cfg1)  # as training builds it, so the cache's fingerprint matches
     transform = data_transform(cfg1)
     with tqdm(total=data.num_stage1 + data.num_stage2, desc="features", unit="img") as bar:
         n1, bad1 = build_cache(model, [("webdataset", data.stage1_shards)], out / "cache" / "stage1", transform,

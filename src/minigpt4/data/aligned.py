@@ -84,6 +84,10 @@ class AlignedSource:
                 raise RuntimeError(f"no usable annotation in {self.annotation_file} for reader {slot} of {num_slots}; "
                                    "run `minigpt4 data check` on the folder")
 
+    def one_pass(self) -> Iterator[Candidate | SkippedSample]:
+        """Every annotation once, in file order, skips included (what the feature cache stores)."""
+        return (self.annotation_item(index, 0) for index in range(len(self.annotations)))
+
     def annotation_item(self, index: int, epoch: int) -> Candidate | SkippedSample:
         image_id, caption = self.annotations[index]
         key = image_id or f"annotation {index}"

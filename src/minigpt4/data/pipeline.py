@@ -99,7 +99,8 @@ def decode(item: Candidate) -> Image.Image | SkippedSample:
         return SkippedSample(item.source, item.key, f"corrupt image: {image_problem(err)}")
 
 
-def _transformed(transform: ImageTransform, image: Image.Image, item: Candidate) -> torch.Tensor | SkippedSample:
+def transform_sample(transform: ImageTransform, image: Image.Image, item: Candidate) -> torch.Tensor | SkippedSample:
+    """`transform(image)` seeded from `item.seed`, or why it failed (as a skip)."""
     try:
         return seeded_transform(transform, image, item.seed)
     except Exception as err:  # a transform failing on one odd image must not end the run
@@ -132,7 +133,7 @@ def assemble_batches(
             continue
         result = item if isinstance(item, SkippedSample) else decode(item)
         if isinstance(result, Image.Image) and not replaying:
-            result = _transformed(transform, result, item)
+            result = transform_sample(transform, result, item)
         if isinstance(result, SkippedSample):
             # While replaying for a resume, these were already reported by the run being resumed.
             logger.log(logging.DEBUG if replaying else logging.WARNING, "skipped %s", result)

@@ -225,6 +225,10 @@ class ShardSource:
                     f"(slot {slot} of {num_slots}); run `minigpt4 data check` on it, or use fewer workers/ranks"
                 )
 
+    def one_pass(self) -> Iterator[Candidate | SkippedSample]:
+        """Every sample once, skips included: pass 0 as one reader sees it (what the feature cache stores)."""
+        return self._pass_items(0, 0, 1)
+
     def _pass_items(self, epoch: int, slot: int, num_slots: int) -> Iterator[Candidate | SkippedSample]:
         """This slot's share of pass `epoch`, in shard order (before the shuffle buffer)."""
         order = list(self.shards)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+
+import torch
 
 from minigpt4 import convert
-from minigpt4.config import ModelConfig
+from minigpt4.config import ModelConfig, TrainJobConfig
 from minigpt4.model.llm import DTYPES, load_llm
 from minigpt4.model.minigpt4 import MiniGPT4
 
@@ -54,3 +57,17 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
         convert.load_projection(model, cfg.weights.projection)
     model.lock()
     return model.place(cfg.device, dtype)
+
+
+def build_job_model(job: TrainJobConfig, device: str | None = None) -> MiniGPT4:
+    """The model of a training job, built the one way `minigpt4 train` and `minigpt4 cache-features` both use.
+
+    Parts with no weights file (random towers, a random projection) are drawn from `train.seed`, so every
+    process of a run and the feature-cache builder get the same frozen weights: the cache's fingerprint
+    depends on it. The callers' random state is left as it was. `device` overrides `model.device`
+    (FSDP builds on the CPU and moves each process's shard itself).
+    """
+    cfg = job.model if device is None else replace(job.model, device=device)
+    with torch.random.fork_rng(devices=[]):  # weights are drawn on the CPU generator, then placed
+        torch.default_generator.manual_seed(job.train.seed)
+        return build_model(cfg)

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from minigpt4.config import ConfigError, TrainJobConfig, check_ranges, from_dict, to_dict
-from minigpt4.model.build import build_model
+from minigpt4.config import ConfigError, TrainJobConfig, check_ranges, to_dict
+from minigpt4.model.build import build_job_model
 from minigpt4.model.minigpt4 import MiniGPT4
 from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
 from minigpt4.train import checkpoint as ckpt
@@ -243,10 +243,7 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     # ---- model: every process builds identical frozen towers (same files, or same seed when random).
     # With FSDP it is built on the CPU and each process then moves only its shard to its device.
     fsdp = t.strategy == "fsdp" and ctx.enabled
-    model_cfg = from_dict(type(cfg.model), to_dict(cfg.model))
-    model_cfg.device = "cpu" if fsdp else str(ctx.device)
-    torch.manual_seed(t.seed)
-    model = build_model(model_cfg)
+    model = build_job_model(cfg, device="cpu" if fsdp else str(ctx.device))
     resume_path = resolve_resume(cfg)
     state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if state is not None:
