@@ -121,7 +121,8 @@ def test_a_dataset_with_no_usable_sample_is_an_error(tmp_path, tiny_model):
 
 
 def test_feature_cache_roundtrip_resume_and_staleness(tmp_path, tiny_model):
-    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_validation=1, num_test=1, include_photos=False)
+    data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_validation=1, num_test=1,
+                              include_photos=False)
     (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
     transform = eval_transform(224)
     count, skipped = build_cache(
@@ -151,7 +152,8 @@ def test_feature_cache_roundtrip_resume_and_staleness(tmp_path, tiny_model):
 
 def test_views_are_split_over_ranks_as_one_process_sees_them(tmp_path, tiny_model):
     """With several views, the two ranks' halves of a step hold the samples and views one process's batch holds."""
-    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1, include_photos=False)
+    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1,
+                              include_photos=False)
     build_cache(tiny_model, [("webdataset", data.stage1_shards)], tmp_path / "cache", train_transform(224), views=3)
     cache = FeatureCache(tmp_path / "cache")
     one = next(feature_batches(cache, 4, seed=1))
@@ -190,7 +192,8 @@ def test_augment_with_a_one_view_cache_is_refused(tmp_path, tiny_llm_dir, tiny_d
 
 
 def test_training_reads_the_feature_cache_and_never_runs_the_tower(tmp_path, tiny_llm_dir, monkeypatch):
-    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1, include_photos=False)
+    data = synthetic.generate(tmp_path / "data", num_stage1=8, num_stage2=1, num_validation=1, num_test=1,
+                              include_photos=False)
     datasets = [{"kind": "webdataset", "path": data.stage1_shards}]
     extra = ["data.augment=false", "train.epochs=1", "train.iters_per_epoch=3", "model.vision.image_size=224"]
     cfg = _job(tiny_llm_dir, tmp_path, datasets, *extra, f"data.feature_cache={tmp_path / 'cache'}")
