@@ -385,6 +385,9 @@ class DataConfig:
     max_txt_len: int = bounded(32, ge=1)  # target + end_sym, in tokens (160 in stage 2)
     process_captions: bool = True  # blip_caption on webdataset captions (the aligned set uses raw captions)
     augment: bool = True  # RandomResizedCrop(scale 0.5-1) as the original; false = plain resize
+    # An image file or tar member bigger than this is skipped and counted, never read (a sparse tar
+    # member can declare gigabytes); chat, caption and the demo use the same default.
+    max_image_bytes: int = bounded(64 * 1024 * 1024, ge=1)
     # A folder written by `minigpt4 cache-features` for these datasets: batches then carry the cached
     # frozen features instead of pixels (refused if made with other frozen weights or transform).
     feature_cache: str = ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
+import tracemalloc
 from collections import Counter
 
 import pytest
@@ -158,3 +160,68 @@ def test_shard_specs_and_caption_choice(tmp_path):
     assert sample_caption({"jpg": b""}) is None
     with pytest.raises(ValueError, match="bad json"):
         sample_caption({"json": b"{broken"})
+
+
+def gnu_sparse_member(name: str, real_size: int) -> bytes:
+    """A GNU sparse tar member (type 'S') that declares `real_size` bytes but stores one 512-byte block at its end:
+    what `tar --sparse` writes for a mostly-empty file. tarfile reads these, but cannot write them."""
+    header = bytearray(512)
+
+    def put(offset: int, value: bytes) -> None:
+        header[offset:offset + len(value)] = value
+
+    def octal(number: int, width: int) -> bytes:
+        return b"%0*o\0" % (width - 1, number)
+
+    put(0, name.encode())
+    put(100, octal(0o644, 8))
+    put(108, octal(0, 8))
+    put(116, octal(0, 8))
+    put(124, octal(512, 12))  # stored bytes
+    put(136, octal(0, 12))
+    put(156, b"S")
+    put(257, b"ustar  \0")  # GNU magic
+    put(386, octal(real_size - 512, 12) + octal(512, 12))  # sparse map: one data block at the end
+    put(483, octal(real_size, 12))  # the size the member expands to
+    put(148, b" " * 8)
+    put(148, b"%06o\0 " % sum(header))
+    return bytes(header) + b"\xff" * 512
+
+
+def test_a_huge_sparse_member_is_skipped_from_its_header_without_reading_it(tmp_path, transform):
+    rest = tmp_path / "rest.tar"
+    write_shard(rest, [{"__key__": "huge", "txt": "a 2 GiB image"}, good_sample("ok-0", 0), good_sample("ok-1", 1)])
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(gnu_sparse_member("huge.jpg", 2**31) + rest.read_bytes())
+    assert shard.stat().st_size < 100_000
+    with tarfile.open(shard) as archive:  # the premise: tarfile expands it to 2 GiB of zeros on read()
+        info = archive.next()
+        assert info.issparse() and info.size == 2**31
+
+    tracemalloc.start()
+    try:
+        entries = list(read_tar_groups(str(shard)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20  # reading the member would take 2 GiB
+    assert isinstance(entries[0], SkippedSample) and entries[0].key == "huge"
+    assert entries[0].reason == ("too large: member huge.jpg is 2147483648 bytes, over the limit "
+                                 "max_image_bytes=67108864 (not read)")
+    assert [entry[0] for entry in entries[1:]] == ["ok-0", "ok-1"]  # the rest of the shard is read
+
+    # In training: skipped and counted, the limit from data.max_image_bytes.
+    stream = stage1_batches([(str(shard), 1.0)], transform, 2, seed=0, shuffle_buffer=0, max_image_bytes=10**6)
+    batch = next(stream)
+    assert sorted(batch["key"]) == ["ok-0", "ok-1"]
+    assert [s.key for s in batch["skipped"]] == ["huge"] and "max_image_bytes=1000000" in batch["skipped"][0].reason
+    assert summarize_skips(batch["skipped"]) == "skipped 1 samples (1 too large)"
+
+
+def test_a_member_over_a_small_limit_is_skipped_whatever_its_extension(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, [good_sample("ok", 1), {**good_sample("long-caption", 2), "txt": "x" * 5000}])
+    limit = max(len(good_sample("ok", 1)["jpg"]), 1000) + 1
+    entries = list(read_tar_groups(str(shard), max_member_bytes=limit))
+    assert entries[0][0] == "ok"
+    assert isinstance(entries[1], SkippedSample) and "long-caption.txt is 5000 bytes" in entries[1].reason

@@ -27,6 +27,7 @@ from minigpt4.data.pipeline import (
     rank_batches,
     stable_seed,
 )
+from minigpt4.processing.image import MAX_IMAGE_BYTES, ImageError, ImageTooLarge, read_image_file
 
 ANNOTATION_FILE = "filter_cap.json"
 IMAGE_DIR = "image"
@@ -57,10 +58,11 @@ def read_annotations(root: str | Path) -> list[tuple[str, object]]:
 class AlignedSource:
     """The annotations of one aligned folder, dealt to slots pass after pass."""
 
-    def __init__(self, root: str | Path, *, seed: int) -> None:
+    def __init__(self, root: str | Path, *, seed: int, max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.root = Path(root)
         self.name = str(root)
         self.seed = seed
+        self.max_image_bytes = max_image_bytes
         self.annotations = read_annotations(root)
         self.annotation_file = str(self.root / ANNOTATION_FILE)
 
@@ -97,8 +99,16 @@ class AlignedSource:
             return SkippedSample(self.annotation_file, image_id, "no caption: 'caption' missing or not a string")
         if not caption.strip():
             return SkippedSample(self.annotation_file, image_id, "empty caption")
-        image = str(self.root / IMAGE_DIR / f"{image_id}.jpg")
-        return Candidate(source=image, key=image_id, image=image, text=caption,
+        path = str(self.root / IMAGE_DIR / f"{image_id}.jpg")
+        try:  # regular files only, up to the limit, checked before reading
+            image = read_image_file(path, self.max_image_bytes)
+        except FileNotFoundError:
+            return SkippedSample(path, image_id, "missing image: file not found")
+        except ImageTooLarge as err:
+            return SkippedSample(path, image_id, f"too large: {err} (not read)")
+        except ImageError as err:
+            return SkippedSample(path, image_id, f"unreadable image: {err}")
+        return Candidate(source=path, key=image_id, image=image, text=caption,
                          seed=stable_seed("aligned-sample", self.seed, epoch, index))
 
 
@@ -112,13 +122,14 @@ def stage2_batches(
     world_size: int = 1,
     num_workers: int = 0,
     start_batch: int = 0,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """An endless stream of stage-2 batches from a cc_sbu_align folder (raw captions, drop_last per pass).
 
     Arguments as `stage1_batches`; `root` is the folder holding filter_cap.json and image/.
     """
     check_layout(batch_size, rank, world_size, num_workers, start_batch)
-    source = AlignedSource(root, seed=seed)
+    source = AlignedSource(root, seed=seed, max_image_bytes=max_image_bytes)
     readers = world_size * max(num_workers, 1)
     if source.per_slot(readers) < batch_size:
         raise ValueError(

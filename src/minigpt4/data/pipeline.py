@@ -27,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt4.data import SkippedSample
-from minigpt4.processing.image import ImageError, load_image
+from minigpt4.processing.image import ImageError, ImageTooLarge, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def decode(item: Candidate) -> Image.Image | SkippedSample:
         return load_image(item.image, name=f"{item.source} [{item.key}]")
     except FileNotFoundError:
         return SkippedSample(item.source, item.key, "missing image: file not found")
+    except ImageTooLarge as err:  # over max_image_pixels, or a JPEG of too many scans
+        return SkippedSample(item.source, item.key, f"too large: {err}")
     except ImageError as err:
         return SkippedSample(item.source, item.key, f"corrupt image: {image_problem(err)}")
 

@@ -16,7 +16,7 @@ from webdataset import TarWriter
 from minigpt4.data import SkippedSample
 from minigpt4.data.pipeline import image_problem
 from minigpt4.data.webdataset import IMAGE_EXTENSIONS, read_tar_groups, sample_caption
-from minigpt4.processing.image import ImageError, load_image
+from minigpt4.processing.image import ImageError, load_image, read_image_file
 
 JPEG_QUALITY = 95  # what img2dataset writes
 KEPT_METADATA = ("url", "original_width", "original_height")  # from an img2dataset .json, when re-sharding
@@ -149,9 +149,12 @@ def samples_from_table(
             continue
         image_path = Path(images) / name
         try:
-            data = image_path.read_bytes()
-        except OSError as err:
+            data = read_image_file(image_path)
+        except FileNotFoundError as err:
             yield SkippedSample(str(image_path), name, f"missing image: {err.strerror or err}")
+            continue
+        except ImageError as err:  # a directory, FIFO or device, or over max_image_bytes: not read
+            yield SkippedSample(str(image_path), name, f"unreadable image: {err}")
             continue
         caption = record.get(caption_col)
         yield SourceSample(str(image_path), name, data, caption if isinstance(caption, str) else None,
@@ -172,7 +175,11 @@ def samples_from_img2dataset(folder: str | Path) -> Iterator[SourceSample | Skip
                 yield _from_members(str(shard), key, members)
         return
     for image_path in sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
-        members = {"img": image_path.read_bytes()}
+        try:
+            members = {"img": read_image_file(image_path)}
+        except (FileNotFoundError, ImageError) as err:  # a directory, FIFO or device, or over max_image_bytes
+            yield SkippedSample(str(image_path), image_path.stem, f"unreadable image: {err}")
+            continue
         for ext in ("json", "txt"):
             sidecar = image_path.with_suffix(f".{ext}")
             if sidecar.is_file():

@@ -35,6 +35,7 @@ from minigpt4.data.pipeline import (
     rank_batches,
     stable_seed,
 )
+from minigpt4.processing.image import MAX_IMAGE_BYTES
 from minigpt4.processing.text import process_caption
 
 logger = logging.getLogger(__name__)
@@ -67,14 +68,19 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | SkippedSample]:
+def read_tar_groups(
+    path: str, max_member_bytes: int = MAX_IMAGE_BYTES
+) -> Iterator[tuple[str, dict[str, bytes]] | SkippedSample]:
     """Yield (key, {extension: bytes}) for each sample of a shard, or a SkippedSample where the tar is broken.
 
     Members of one sample are consecutive (webdataset convention). After a read error the rest of the shard
-    is unreliable, so reading stops there with one SkippedSample naming the last key.
+    is unreliable, so reading stops there with one SkippedSample naming the last key. A sample with a member
+    over `max_member_bytes` is one SkippedSample; that member's size is read from its header and its bytes
+    are never read (a sparse member can declare gigabytes in a few blocks).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
+    refused: SkippedSample | None = None  # why the current sample is skipped
     try:
         archive = tarfile.open(path, "r:")
     except FileNotFoundError:
@@ -91,8 +97,12 @@ def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skippe
                 member_key, ext = split_member_name(info.name)
                 if member_key != key:
                     if key is not None:
-                        yield key, members
-                    key, members = member_key, {}
+                        yield refused or (key, members)
+                    key, members, refused = member_key, {}, None
+                if info.size > max_member_bytes:
+                    refused = SkippedSample(path, key, f"too large: member {info.name} is {info.size} bytes, over the "
+                                                       f"limit max_image_bytes={max_member_bytes} (not read)")
+                    continue
                 handle = archive.extractfile(info)
                 members[ext] = handle.read() if handle is not None else b""
             complete = _ends_with_end_block(path, archive.offset)
@@ -105,7 +115,7 @@ def read_tar_groups(path: str) -> Iterator[tuple[str, dict[str, bytes]] | Skippe
                                             "(the last sample and the rest of the shard are skipped)")
         return
     if key is not None:
-        yield key, members
+        yield refused or (key, members)
 
 
 def _ends_with_end_block(path: str, offset: int) -> bool:
@@ -173,6 +183,7 @@ class ShardSource:
         seed: int,
         shuffle_buffer: int,
         caption_processor: Callable[[str], str] | None,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
     ) -> None:
         self.spec = spec if isinstance(spec, str) else "::".join(map(str, spec))
         self.name = self.spec
@@ -180,6 +191,7 @@ class ShardSource:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.caption_processor = caption_processor
+        self.max_image_bytes = max_image_bytes
         self.shards = expand_shards(spec)
         remote = [path for path in self.shards if "://" in path or path.startswith("pipe:")]
         if remote:
@@ -238,7 +250,7 @@ class ShardSource:
         for position, shard in enumerate(order):
             if by_shard and position % num_slots != slot:
                 continue
-            for entry in read_tar_groups(shard):
+            for entry in read_tar_groups(shard, self.max_image_bytes):
                 if isinstance(entry, SkippedSample):
                     # In per-sample mode every slot reads every shard: one slot reports a shard's problems.
                     if by_shard or position % num_slots == slot:
@@ -264,6 +276,7 @@ def stage1_batches(
     shuffle_buffer: int = 1000,
     process_captions: bool = True,
     start_batch: int = 0,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """An endless stream of stage-1 batches, each drawn whole from one dataset picked by ratio.
 
@@ -278,6 +291,7 @@ def stage1_batches(
         shuffle_buffer: samples held for shuffling (<= 1: no shuffling beyond the shard order).
         process_captions: apply `blip_caption` (lower-case, strip punctuation, 50 words) as the original.
         start_batch: skip the first batches, yielding exactly what the run from 0 would have yielded from here.
+        max_image_bytes: a sample with a bigger tar member is skipped (counted) without reading that member.
     """
     check_layout(batch_size, rank, world_size, num_workers, start_batch)
     if not sources:
@@ -287,7 +301,8 @@ def stage1_batches(
             raise ValueError(f"the mixing ratio of {spec!r} must be a positive number, got {ratio!r}")
     processor = process_caption if process_captions else None
     datasets = [
-        ShardSource(spec, index, seed=seed, shuffle_buffer=shuffle_buffer, caption_processor=processor)
+        ShardSource(spec, index, seed=seed, shuffle_buffer=shuffle_buffer, caption_processor=processor,
+                    max_image_bytes=max_image_bytes)
         for index, (spec, _) in enumerate(sources)
     ]
     return _mixed(datasets, [float(r) for _, r in sources], transform, batch_size, seed=seed, rank=rank,

@@ -17,6 +17,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from minigpt4.config import DataConfig
+
 # CLIP's normalisation, which BLIP-2 and MiniGPT-4 use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -54,7 +56,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # Defaults for images read from local files and tar members (chat, caption, demo, training, feature cache).
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_BYTES: int = DataConfig.max_image_bytes  # 64 MiB
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own bomb threshold (~89 megapixels)
 # libjpeg decodes every scan of a progressive JPEG over the whole image: a 94 KB file of 1000 scans over
 # 4000x4000 pixels takes 19 s. Encoders write 10 (libjpeg) to about 20 (mozjpeg) scans.

@@ -134,7 +134,7 @@ def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model:
     size = cfg.model.vision.image_size
     transform = train_transform(size) if cfg.data.augment else eval_transform(size)
     common = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                  num_workers=cfg.data.num_workers, start_batch=start_batch)
+                  num_workers=cfg.data.num_workers, start_batch=start_batch, max_image_bytes=cfg.data.max_image_bytes)
     kinds = {d.kind for d in datasets}
     if kinds == {"webdataset"}:
         from minigpt4.data.webdataset import stage1_batches
