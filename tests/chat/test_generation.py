@@ -196,3 +196,23 @@ def test_new_tokens_are_found_whatever_generate_puts_in_front(tiny_model, pixels
             assert criteria.prefix_length == prefix
             new = sequences[0, criteria.prefix_length:].tolist()
             assert tiny_model.tokenizer.decode(new, skip_special_tokens=True).strip() == reference.text
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("temperature", float("nan")), ("temperature", float("inf")), ("top_p", float("nan")),
+     ("repetition_penalty", float("inf")), ("max_time", float("nan")), ("max_time", 0.0), ("max_time", float("inf"))],
+)
+def test_settings_must_be_finite(name, value):
+    with pytest.raises(ValueError, match=f"GenerationSettings.{name}="):
+        GenerationSettings(**{name: value})
+
+
+def test_tiny_temperature_decodes_greedily(tiny_model, pixels):
+    """1e-45 turns every logit / T into inf in float32 (sampling used to fail on NaN probabilities)."""
+    prompt = "<Img><ImageHere></Img> describe the image"
+    greedy = generate(tiny_model, [prompt], [[pixels]], GREEDY)[0]
+    for temperature in (1e-45, 5e-324):
+        tiny = GenerationSettings(temperature=temperature, max_new_tokens=GREEDY.max_new_tokens)
+        assert generate(tiny_model, [prompt], [[pixels]], tiny)[0] == greedy
+        assert "".join(stream(tiny_model, prompt, [pixels], tiny)) == greedy.text

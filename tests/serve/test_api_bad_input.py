@@ -118,11 +118,33 @@ def test_empty_body(http):
         (ask("hi", seed=10**23), "seed"),
         ([1, 2, 3], "body"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+        # Not finite (json.dumps writes NaN/Infinity; 1e999 parses to inf) or out of OpenAI's range.
+        (ask("hi", temperature=float("nan")), "temperature"),
+        (ask("hi", temperature=-0.5), "temperature"),
+        (ask("hi", top_p=float("inf")), "top_p"),
+        (ask("hi", top_p=0.0), "top_p"),
+        (ask("hi", presence_penalty=float("nan")), "presence_penalty"),
+        (ask("hi", frequency_penalty=float("-inf")), "frequency_penalty"),
+        (ask("hi", presence_penalty=7.0), "presence_penalty"),
+        (ask("hi", logit_bias={"5": float("inf")}), "logit_bias.5"),
+        (ask("hi", top_logprobs=-1), "top_logprobs"),
+        (ask("hi", max_tokens=0), "max_tokens"),
+        (ask("hi", max_tokens=-3), "max_tokens"),
+        (ask("hi", max_completion_tokens=0), "max_completion_tokens"),
+        (ask("hi", n=-1), "n"),
+        (ask("hi", seed=-(2**64)), "seed"),
     ],
 )
 def test_wrong_types(http, body, field):
     error = expect_error(post(http, body), 400)
     assert error["message"].startswith(field + ":") or f"; {field}:" in error["message"], error["message"]
+
+
+def test_overflowing_number_literal_is_refused(http):
+    """1e999 is valid JSON that parses to infinity: refused, naming the field."""
+    body = json.dumps(ask("hi")).replace('"max_tokens": 4', '"max_tokens": 4, "temperature": 1e999').encode()
+    error = expect_error(post(http, body), 400, "finite number")
+    assert error["message"].startswith("temperature:")
 
 
 @pytest.mark.parametrize(
@@ -131,6 +153,10 @@ def test_wrong_types(http, body, field):
         ({**ask("hi"), "model": "gpt-4"}, 404, "is not served here"),
         (ask("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools is not supported"),
         (ask("hi", max_tokens=65), 400, "max_tokens=64"),
+        (ask("hi", max_completion_tokens=10**30), 400, "max_completion_tokens=1000000000000000000000000000000 exceeds"),
+        (ask("hi", n=10**30), 400, "max_n="),
+        (ask([{"type": "text", "text": "hi"}] * 600), 400, "601 messages and content parts"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 513}, 400, "max_messages=512"),
         (ask("word " * 400), 400, "max_prompt_tokens=200"),
         (ask("y" * 200_000), 400, "takes at least"),  # refused without tokenizing 200 kB
         (ask("hi", n=9), 400, "max_n="),

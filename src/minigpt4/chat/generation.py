@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import queue
 import re
 import threading
@@ -33,9 +34,19 @@ log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length"]
 
 
+# Sampling below this temperature decodes greedily. Dividing the logits by a tinier one overflows
+# float32 (1e-45 turns every logit into inf and sampling fails on NaN probabilities), and at 1e-5
+# sampling already picks the argmax unless two logits are within ~1e-4 of each other (vLLM's rule too).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass
 class GenerationSettings:
-    """How to decode. Defaults are the original demo's (sampling, top-p 0.9, 300 new tokens)."""
+    """How to decode. Defaults are the original demo's (sampling, top-p 0.9, 300 new tokens).
+
+    A temperature below `GREEDY_BELOW_TEMPERATURE` decodes greedily (the limit of sampling as the
+    temperature goes to 0), so no positive temperature can fail mid-answer.
+    """
 
     max_new_tokens: int = 300
     do_sample: bool = True  # False = greedy (or plain beam search with num_beams > 1)
@@ -47,16 +58,19 @@ class GenerationSettings:
     stop: list[str] = field(default_factory=list)  # on top of the template's own stop strings
     seed: int | None = None  # None = not reseeded
     max_context: int = 2000  # prompt + new tokens; longer conversations drop old turns
+    max_time: float | None = None  # wall seconds for the whole call; then every unfinished row ends ("length")
 
     def __post_init__(self) -> None:
+        # Written as `0 < x < inf` so NaN (every comparison false) fails too.
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
-            ("temperature", self.temperature > 0, "> 0 (use do_sample=False for greedy)"),
+            ("temperature", 0 < self.temperature < math.inf, "a finite number > 0 (use do_sample=False for greedy)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
             ("num_beams", self.num_beams >= 1, "at least 1"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1.0 turns it off)"),
+            ("repetition_penalty", 0 < self.repetition_penalty < math.inf, "a finite number > 0 (1.0 turns it off)"),
             ("max_context", self.max_context >= 2, "at least 2"),
+            ("max_time", self.max_time is None or 0 < self.max_time < math.inf, "None or a finite number > 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -233,12 +247,14 @@ def _generation_config(
     # Fields left unset would be filled from the model's own generation config (e.g. top_k=50) and
     # silently change the sampling, so every one that matters is set. Greedy and plain beam search
     # run no warpers, so the sampling fields are left out there (transformers warns otherwise).
+    sampled = settings.do_sample and settings.temperature >= GREEDY_BELOW_TEMPERATURE
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=settings.do_sample,
+        max_time=settings.max_time,
+        do_sample=sampled,
         num_beams=settings.num_beams,
-        **(sampling if settings.do_sample else {}),
+        **(sampling if sampled else {}),
         repetition_penalty=settings.repetition_penalty,
         num_return_sequences=1,
         eos_token_id=eos_ids or None,

@@ -138,23 +138,34 @@ class ChatService:
         if field is not None:
             raise APIError(400, f"{field} is not supported by this server; leave it unset", param=field,
                            code="unsupported_parameter")
+        self.check_limits(request)
         return request
 
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
-        """Apply every limit, render the prompt and decode the images (runs on the thread pool)."""
+    def check_limits(self, request: ChatCompletionRequest) -> None:
+        """The limits that need no tokenizer, checked right after parsing: each costs O(1) or one pass."""
         cfg = self.config
+        parts = len(request.messages) + sum(len(m.content) for m in request.messages if isinstance(m.content, list))
+        if parts > cfg.max_messages:
+            raise APIError(400, f"the request has {parts} messages and content parts; the limit is "
+                           f"max_messages={cfg.max_messages}", param="messages", code="too_many_messages")
         if request.n > cfg.max_n:
             raise APIError(400, f"n={request.n} exceeds the limit max_n={cfg.max_n}", param="n", code="n_too_large")
         if request.stream and request.n > 1:
             raise APIError(400, "n > 1 cannot be streamed; use stream=false or n=1", param="n")
-        max_new = request.max_completion_tokens or request.max_tokens or cfg.default_max_tokens
-        if max_new > cfg.max_tokens:
-            raise APIError(400, f"max_tokens={max_new} exceeds the limit max_tokens={cfg.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = getattr(request, name)
+            if value is not None and value > cfg.max_tokens:
+                raise APIError(400, f"{name}={value} exceeds the limit max_tokens={cfg.max_tokens}",
+                               param=name, code="max_tokens_too_large")
         stop = request.stop_list()
         if len(stop) > 4 or any(not s or len(s) > 64 for s in stop):
             raise APIError(400, "stop takes at most 4 non-empty strings of at most 64 characters", param="stop")
 
+    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+        """Apply every limit, render the prompt and decode the images (runs on the thread pool)."""
+        cfg = self.config
+        max_new = request.max_completion_tokens or request.max_tokens or cfg.default_max_tokens
+        stop = request.stop_list()
         # Flatten messages; count images before decoding any of them.
         turns: list[tuple[str, str, int]] = []
         urls: list[tuple[str, str]] = []  # (url, param path)
@@ -203,7 +214,8 @@ class ChatService:
 
         sampled = request.temperature != 0.0
         generation: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sampled, "stop": stop,
-                                      "seed": request.seed, "max_context": cfg.max_context}
+                                      "seed": request.seed, "max_context": cfg.max_context,
+                                      "max_time": cfg.max_generation_seconds}
         if sampled and request.temperature is not None:
             generation["temperature"] = request.temperature
         if sampled and request.top_p is not None:

@@ -41,6 +41,9 @@ class ServeConfig:
     max_tokens: int = _opt(1024, "the largest max_tokens a request may ask for")
     default_max_tokens: int = _opt(300, "max_tokens when a request does not say (the original demo's value)")
     max_n: int = _opt(4, "choices per request (n); each is one batch row")
+    max_messages: int = _opt(512, "messages per request, each content part counted as one (checked before rendering)")
+    max_generation_seconds: float = _opt(300.0, "wall time one generation may take; then it ends with "
+                                         "finish_reason 'length'")
 
     max_batch_size: int = _opt(8, "rows per model call")
     batch_wait_ms: float = _opt(10.0, "how long the first request of a batch waits for company")
@@ -50,7 +53,7 @@ class ServeConfig:
         """Fail early on settings that cannot work, naming the field."""
         positive = (
             "max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_context", "max_tokens",
-            "default_max_tokens", "max_n", "max_batch_size", "max_queue",
+            "default_max_tokens", "max_n", "max_messages", "max_batch_size", "max_queue",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -59,6 +62,10 @@ class ServeConfig:
             raise ValueError(f"serve.max_images must be 0 or more, got {self.max_images}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"serve.batch_wait_ms must be 0 or more, got {self.batch_wait_ms}")
+        if not 0 < self.max_generation_seconds < float("inf"):  # also refuses NaN
+            raise ValueError(
+                f"serve.max_generation_seconds must be a finite number > 0, got {self.max_generation_seconds}"
+            )
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(
                 f"serve.default_max_tokens={self.default_max_tokens} exceeds serve.max_tokens={self.max_tokens}"

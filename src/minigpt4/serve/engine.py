@@ -41,18 +41,22 @@ def to_conversation(turns: list[tuple[str, str, int]], default_system: str | Non
             not end with one, or uses the image placeholder as text.
     """
     system_parts: list[str] = []
-    messages: list[Message] = []
+    # (role, texts, images) per merged message; texts are joined once at the end, so merging a run
+    # of k messages costs O(total length), not O(k * length) as repeated concatenation would.
+    merged: list[tuple[str, list[str], int]] = []
     for role, text, images in turns:
         if IMAGE_PLACEHOLDER in text:
             raise ValueError(f"message text may not contain the image placeholder {IMAGE_PLACEHOLDER!r}")
         if role in ("system", "developer"):
             system_parts.append(text)
-        elif messages and messages[-1].role == role:
-            last = messages[-1]
-            joined = "\n".join(t for t in (last.text, text) if t)
-            messages[-1] = Message(role=last.role, text=joined, images=last.images + images)  # type: ignore[arg-type]
+        elif merged and merged[-1][0] == role:
+            _, texts, count = merged[-1]
+            texts.append(text)
+            merged[-1] = (role, texts, count + images)
         else:
-            messages.append(Message(role=role, text=text, images=images))  # type: ignore[arg-type]
+            merged.append((role, [text], images))
+    messages = [Message(role=role, text="\n".join(t for t in texts if t), images=count)  # type: ignore[arg-type]
+                for role, texts, count in merged]
     if not messages or messages[0].role != "user":
         raise ValueError("the conversation must start with a user message (after any system messages)")
     if messages[-1].role != "user":

@@ -1,8 +1,9 @@
 """OpenAI chat-completions request and response bodies (the subset this server speaks).
 
-Requests are validated strictly: a string where a number belongs is an error, not a guess.
-Fields the server cannot honour (tools, JSON mode, log-probabilities, penalties) are refused
-with a message rather than silently ignored.
+Requests are validated strictly: a string where a number belongs is an error, not a guess, and
+every number must be finite and in the range OpenAI documents for it (NaN, Infinity and 1e999 are
+refused while parsing). Fields the server cannot honour (tools, JSON mode, log-probabilities,
+penalties) are refused with a message rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -64,15 +65,15 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.manual_seed accepts
     user: str | None = None
     # Refused unless left at their neutral values; see `unsupported`.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     functions: list[dict] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -111,6 +112,12 @@ def _field_path(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
+def _prefixes(path: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b']."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def describe_validation_error(err: ValidationError, limit: int = 3) -> str:
     """pydantic's errors as one line naming each field: 'messages.0.role: Input should be ...'."""
     by_field: dict[str, list[str]] = {}
@@ -121,7 +128,9 @@ def describe_validation_error(err: ValidationError, limit: int = 3) -> str:
         if item["msg"] not in messages:
             messages.append(item["msg"])
     # A union reports every branch; where one branch got deeper (content -> content.0.text), that one is the news.
-    fields = [f for f in by_field if not any(other.startswith(f + ".") for other in by_field)]
+    # The set of every field's proper prefixes keeps this linear in the number of errors (a body can hold 10^5).
+    deeper = {prefix for f in by_field for prefix in _prefixes(f)}
+    fields = [f for f in by_field if f not in deeper]
     lines = [f"{field}: {' or '.join(by_field[field])}" for field in fields[:limit]]
     more = len(fields) - limit
     return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
