@@ -11,9 +11,35 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 
-class CommandError(Exception):
-    """A usage error a command reports as `error: ...` on stderr, exiting with status 2."""
+from minigpt4.commands import CommandError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors read like every other input error: one `error: ...` line, status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        _report(f"{self.prog}: {message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+def _report(message: str) -> None:
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr, flush=True)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message says what is wrong with the user's input (imported only once one is raised).
+
+    Besides CommandError: the library's own input errors (a config value, a checkpoint file, an
+    image) and the OS's answers about a path the user gave.
+    """
+    from minigpt4.config import ConfigError
+    from minigpt4.convert import CheckpointError
+    from minigpt4.processing.image import ImageError
+
+    return (CommandError, ConfigError, CheckpointError, ImageError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 # name -> (module, one-line help)
@@ -32,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minigpt4", description="MiniGPT-4: train, chat, serve.")
+    parser = _Parser(prog="minigpt4", description="MiniGPT-4: train, chat, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -47,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv.pop(position)
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"minigpt4 {name}", description=COMMANDS[name][1])
+    parser = _Parser(prog=f"minigpt4 {name}", description=COMMANDS[name][1])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     module.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -57,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(module.run(args) or 0)
-    except CommandError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+    except _input_errors() as err:
+        logging.getLogger(__name__).debug("the error's traceback", exc_info=True)  # shown with --verbose
+        _report(str(err))
         return 2
 
 

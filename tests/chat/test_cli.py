@@ -28,7 +28,7 @@ def _expected_answer(tiny_model, photo, question: str, max_new_tokens: int) -> s
 
 
 def test_chat_answers_once(tiny_llm_dir, tiny_model, photo, cat_file, capsys):
-    rc = main(["chat", "--image", str(cat_file), "--greedy", "--max-new-tokens", "6",
+    rc = main(["chat", "--preset", "tiny", "--image", str(cat_file), "--greedy", "--max-new-tokens", "6",
                "What is in this picture?", f"llm.path={tiny_llm_dir}"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -52,7 +52,7 @@ def test_chat_from_a_saved_checkpoint(tiny_model, photo, cat_file, tmp_path, cap
 def test_chat_interactive_session(tiny_llm_dir, cat_file, monkeypatch, capsys):
     lines = [f"/image {cat_file}", "What is in this picture?", "/image /nonexistent/x.png", "/bogus", "/reset", "/quit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    rc = main(["chat", "--greedy", "--max-new-tokens", "4", f"llm.path={tiny_llm_dir}"])
+    rc = main(["chat", "--preset", "tiny", "--greedy", "--max-new-tokens", "4", f"llm.path={tiny_llm_dir}"])
     out = capsys.readouterr().out
     assert rc == 0
     assert f"(image {cat_file} added)" in out
@@ -63,9 +63,10 @@ def test_chat_interactive_session(tiny_llm_dir, cat_file, monkeypatch, capsys):
 
 
 def test_chat_rejects_bad_settings_and_files(tiny_llm_dir, tmp_path, capsys):
-    assert main(["chat", "--top-p", "3", "hi", f"llm.path={tiny_llm_dir}"]) == 2
+    assert main(["chat", "--preset", "tiny", "--top-p", "3", "hi", f"llm.path={tiny_llm_dir}"]) == 2
     assert "GenerationSettings.top_p=3.0" in capsys.readouterr().err
-    assert main(["chat", "--image", str(tmp_path / "nope.png"), "hi", f"llm.path={tiny_llm_dir}"]) == 2
+    assert main(["chat", "--preset", "tiny", "--image", str(tmp_path / "nope.png"), "hi",
+                 f"llm.path={tiny_llm_dir}"]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
@@ -89,7 +90,7 @@ def test_caption_folder_and_shards_resumable(tiny_llm_dir, photo, tmp_path, caps
     shard = tmp_path / "shard-000.tar"
     _shard(shard, photo, ["000001", "000002"])
     out = tmp_path / "captions.jsonl"
-    args = ["caption", "-o", str(out), "--batch-size", "2", "--max-new-tokens", "4",
+    args = ["caption", "--preset", "tiny", "-o", str(out), "--batch-size", "2", "--max-new-tokens", "4",
             str(folder), str(shard), f"llm.path={tiny_llm_dir}"]
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -110,7 +111,8 @@ def test_caption_folder_and_shards_resumable(tiny_llm_dir, photo, tmp_path, caps
     listing = tmp_path / "list.txt"
     listing.write_text(f"# photos\n{folder / 'a.png'}\n{tmp_path / 'gone.png'}\n")
     other = tmp_path / "other.jsonl"
-    assert main(["caption", "-o", str(other), "--max-new-tokens", "4", f"@{listing}", f"llm.path={tiny_llm_dir}"]) == 0
+    assert main(["caption", "--preset", "tiny", "-o", str(other), "--max-new-tokens", "4", f"@{listing}",
+                 f"llm.path={tiny_llm_dir}"]) == 0
     assert "1 captioned, 0 already done, 1 skipped" in capsys.readouterr().err
     assert json.loads(other.read_text())["caption"] == records[0]["caption"]
 

@@ -172,6 +172,8 @@ def test_missing_llm_folder_names_the_field(tiny_config, tmp_path):
 def test_npu_device_without_torch_npu_says_what_is_missing(tiny_config):
     from minigpt4.model.build import build_model
 
+    from minigpt4.config import ConfigError
+
     tiny_config.device = "npu:0"
-    with pytest.raises(RuntimeError, match="needs the torch_npu package"):
+    with pytest.raises(ConfigError, match="model.device='npu:0' needs the torch_npu package"):
         build_model(tiny_config)

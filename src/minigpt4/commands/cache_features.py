@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minigpt4.cli import CommandError
+from minigpt4.commands import CommandError
+from minigpt4.commands.paths import check_output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,30 +31,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from minigpt4.config import ConfigError, train_config
+    from minigpt4.config import train_config
     from minigpt4.data import summarize_skips
+    from minigpt4.device import check_device
     from minigpt4.feature_cache import build_cache, data_transform
     from minigpt4.model.build import build_job_model
 
-    if args.views < 1 or args.batch_size < 1 or args.threads < 0:
-        raise CommandError(f"--views {args.views}, --batch-size {args.batch_size}, --threads {args.threads}: "
-                           "views and batch size must be at least 1, threads at least 0")
-    if args.output.exists() and not args.output.is_dir():
-        raise CommandError(f"--output {args.output} is a file; give a folder for the cache")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cfg = train_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        raise CommandError(str(err)) from err
+    for flag, value, least in (("--views", args.views, 1), ("--batch-size", args.batch_size, 1),
+                               ("--threads", args.threads, 0)):
+        if value < least:
+            raise CommandError(f"{flag} must be at least {least}, got {value}")
+    check_output_folder(args.output, "--output")
+    cfg = train_config(args.config, args.overrides)  # a ConfigError is one `error:` line (minigpt4.cli)
     if not cfg.data.datasets:
-        raise CommandError("data.datasets is empty: nothing to cache")
+        raise CommandError("data.datasets is empty: nothing to cache; list the training datasets in the config")
     if args.views > 1 and not cfg.data.augment:
         raise CommandError(f"--views {args.views} with data.augment=false would store {args.views} identical "
                            "copies; use --views 1")
     if args.views == 1 and cfg.data.augment:
         raise CommandError("data.augment=true draws a new random crop every pass, which one cached view cannot "
                            "stand in for; pass --views 4 (or more), or set data.augment=false")
+    check_device(cfg.model.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = build_job_model(cfg)
     bar = tqdm(desc="caching features", unit="img")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt4.commands import CommandError
 from minigpt4.commands.model_options import (
     add_generation_arguments,
     add_model_arguments,
@@ -17,6 +18,7 @@ from minigpt4.commands.model_options import (
     load_model,
     split_overrides,
 )
+from minigpt4.commands.paths import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(a text file with one such path per line); section.key=value items override the model config",
     )
     parser.add_argument("-o", "--output", type=Path, default=Path("captions.jsonl"),
-                        help="JSON lines out; keys already in it are skipped (default: captions.jsonl)")
+                        help="JSON lines out; images already in it (same source and key) are skipped "
+                        "(default: captions.jsonl)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked about every image")
     parser.add_argument("--batch-size", type=int, default=8)
     add_model_arguments(parser)
@@ -40,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Item:
-    """One image to caption: its key in the output, where it comes from, and its bytes or path."""
+    """One image to caption: its key within its source (folder-relative path, shard key, or the file), the
+    source (folder, shard or file), and its bytes or path."""
 
     key: str
     source: str
@@ -51,26 +55,46 @@ def _is_shard(spec: str) -> bool:
     return spec.endswith(".tar") or ("{" in spec and ".tar" in spec)
 
 
-def iter_items(inputs: list[str], skipped: list[str]) -> Iterator[Item]:
-    """Every image named by `inputs`, in order; unreadable shards and members are added to `skipped`."""
+def expand_lists(inputs: list[str], skipped: list[str], within: tuple[Path, ...] = ()) -> list[str]:
+    """`inputs` with every `@LIST` replaced by its lines (lists may name lists); a missing list is skipped.
+
+    A list that names itself, directly or through others, is a usage error (it would never end).
+    """
+    specs: list[str] = []
+    for spec in inputs:
+        if not spec.startswith("@"):
+            specs.append(spec)
+            continue
+        listing = Path(spec[1:])
+        if not listing.is_file():
+            skipped.append(f"{spec}: no such list file")
+            continue
+        if listing.resolve() in within:
+            chain = " -> ".join(f"@{path}" for path in (*within, listing.resolve()))
+            raise CommandError(f"{spec} includes itself ({chain}); remove the cycle from the list files")
+        lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
+        entries = [line for line in lines if line and not line.startswith("#")]
+        specs += expand_lists(entries, skipped, (*within, listing.resolve()))
+    return specs
+
+
+def iter_items(specs: list[str], skipped: list[str]) -> Iterator[Item]:
+    """Every image named by `specs` (after `expand_lists`), in order; unreadable shards and members go to `skipped`.
+
+    An item's identity is (source, key): the folder and the path inside it, the shard and the
+    sample key, or the file itself, so same-named images from different places are different items.
+    """
     from minigpt4.data import SkippedSample
     from minigpt4.data.webdataset import IMAGE_EXTENSIONS, expand_shards, read_tar_groups
 
-    for spec in inputs:
+    for spec in specs:
         path = Path(spec)
-        if spec.startswith("@"):
-            listing = Path(spec[1:])
-            if not listing.is_file():
-                skipped.append(f"{spec}: no such list file")
-                continue
-            lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines()]
-            yield from iter_items([line for line in lines if line and not line.startswith("#")], skipped)
-        elif path.is_dir():
+        if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 skipped.append(f"{spec}: no image files in this folder")
             for file in files:
-                yield Item(file.relative_to(path).as_posix(), spec, file)
+                yield Item(file.relative_to(path).as_posix(), path.as_posix(), file)
         elif _is_shard(spec):
             for shard in expand_shards(spec):
                 for entry in read_tar_groups(shard):
@@ -84,23 +108,24 @@ def iter_items(inputs: list[str], skipped: list[str]) -> Iterator[Item]:
                         continue
                     yield Item(key, shard, members[ext])
         elif path.is_file():
-            yield Item(spec, spec, path)
+            yield Item(path.as_posix(), path.as_posix(), path)
         else:
             skipped.append(f"{spec}: no such file, folder or shard")
 
 
-def done_keys(output: Path) -> set[str]:
-    """Keys already captioned in `output` (a cut-off last line from an interrupted run is ignored)."""
-    keys: set[str] = set()
+def done_items(output: Path) -> set[tuple[str, str]]:
+    """(source, key) of the records already in `output` (a cut-off last line from an interrupted run is ignored)."""
+    done: set[tuple[str, str]] = set()
     if not output.exists():
-        return keys
+        return done
     with output.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             try:
-                keys.add(json.loads(line)["key"])
+                record = json.loads(line)
+                done.add((record["source"], record["key"]))
             except (json.JSONDecodeError, KeyError, TypeError):
                 log.warning("%s line %d is not a caption record; ignored", output, number)
-    return keys
+    return done
 
 
 def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
@@ -123,15 +148,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides, inputs = split_overrides(args.inputs, keep=lambda item: Path(item).exists())
     if not inputs:
-        print("error: give at least one image file, folder or shard", file=sys.stderr)
-        return 2
+        raise CommandError("give at least one image file, folder or shard")
     if args.batch_size < 1:
-        print(f"error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return 2
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     settings = generation_settings(args)
-    done = done_keys(args.output)
+    check_output_file(args.output, "--output", "captions.jsonl")
     skipped: list[str] = []
-    pending = (item for item in iter_items(inputs, skipped) if item.key not in done)
+    specs = expand_lists(inputs, skipped)
+    done = done_items(args.output)
+    pending = (item for item in iter_items(specs, skipped) if (item.source, item.key) not in done)
     model = load_model(args, overrides)
     template = get_template(args.template, model.tokenizer)
     prompt = template.render([Message("user", args.prompt, images=1)], args.system)

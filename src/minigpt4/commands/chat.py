@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from minigpt4.commands import CommandError
 from minigpt4.commands.model_options import (
     add_generation_arguments,
     add_model_arguments,
@@ -38,11 +39,14 @@ def _say(chat, stream: bool) -> None:
 
 
 def _interactive(chat, stream: bool) -> int:
+    """Read questions until /quit or the end of the input (a pipe or file that ends, Ctrl-D, Ctrl-C)."""
     from minigpt4.processing.image import ImageError
 
     print(HELP)
     while True:
         try:
+            if sys.stdin is None or sys.stdin.closed:  # started with stdin closed (`<&-`): nothing will come
+                raise EOFError
             line = input("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
@@ -77,30 +81,24 @@ def _interactive(chat, stream: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from minigpt4.chat import Chat
-    from minigpt4.processing.image import ImageError, eval_transform
+    from minigpt4.processing.image import eval_transform
 
     overrides, words = split_overrides(args.words)
     question = " ".join(words).strip()
     settings = generation_settings(args)
     for path in args.image:
         if not path.is_file():
-            print(f"error: --image {path}: no such file", file=sys.stderr)
-            return 2
+            raise CommandError(f"--image {path}: no such file")
     model = load_model(args, overrides)
     chat = Chat(model, eval_transform(model.config.vision.image_size), template=args.template, system=args.system,
                 settings=settings)
-    try:
-        for path in args.image:
-            chat.upload(path)
-    except ImageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for path in args.image:
+        chat.upload(path)  # an ImageError is an input error: one line, status 2
     if not question:
         return _interactive(chat, stream=not args.no_stream)
     chat.ask(question)
     try:
         _say(chat, stream=not args.no_stream)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # e.g. the question alone does not fit max_context
+        raise CommandError(str(err)) from err
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minigpt4.commands import CommandError
+from minigpt4.commands.paths import check_output_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -42,25 +45,26 @@ def _make_shards(args: argparse.Namespace) -> int:
     from minigpt4.data.shards import ShardWriter, samples_from_img2dataset, samples_from_table, write_samples
 
     if (args.captions is None) == (args.from_dir is None):
-        print("error: give either --captions TABLE (with --images DIR) or --from IMG2DATASET_DIR")
-        return 2
+        raise CommandError("give either --captions TABLE (with --images DIR) or --from IMG2DATASET_DIR")
+    if args.per_shard < 1:
+        raise CommandError(f"--per-shard must be at least 1, got {args.per_shard}")
+    check_output_folder(args.out, "the output folder")
     if args.captions is not None:
         if not args.captions.is_file():
-            print(f"error: caption table {args.captions} not found")
-            return 2
+            raise CommandError(f"caption table {args.captions} not found")
+        if args.images is not None and not args.images.is_dir():
+            raise CommandError(f"--images {args.images} is not a folder")
         samples = samples_from_table(args.captions, args.images or args.captions.parent, args.image_col,
                                      args.caption_col)
     else:
         if not args.from_dir.is_dir():
-            print(f"error: {args.from_dir} is not a folder")
-            return 2
+            raise CommandError(f"--from {args.from_dir} is not a folder")
         samples = samples_from_img2dataset(args.from_dir)
     try:
         with ShardWriter(args.out, args.per_shard) as writer:
             skipped = write_samples(samples, writer)
-    except ValueError as err:
-        print(f"error: {err}")
-        return 2
+    except ValueError as err:  # a caption table without the named columns, or not a table at all
+        raise CommandError(str(err)) from err
     for skip in skipped:
         print(f"skipped {skip}")
     print(f"wrote {writer.written} samples in {len(writer.shards)} shard(s) to {args.out}; {summarize_skips(skipped)}")
@@ -74,6 +78,10 @@ def _check(args: argparse.Namespace) -> int:
     from minigpt4.data import summarize_skips
     from minigpt4.data.check import check_path
 
+    if args.workers < 1:
+        raise CommandError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_listed < 0:
+        raise CommandError(f"--max-listed must be 0 or more, got {args.max_listed}")
     broken_total = 0
     for path in args.paths:
         report = check_path(path, workers=args.workers, progress=True)

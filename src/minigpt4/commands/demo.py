@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from minigpt4.commands import CommandError
 from minigpt4.commands.model_options import (
     add_generation_arguments,
     add_model_arguments,
@@ -28,12 +28,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     overrides, rest = split_overrides(args.overrides)
     if rest:
-        print(f"error: expected section.key=value overrides, got {' '.join(rest)}", file=sys.stderr)
-        return 2
+        raise CommandError(f"expected section.key=value overrides, got {' '.join(rest)}")
     settings = generation_settings(args)
+    model = load_model(args, overrides)  # once, before the page is served (and before gradio's slow import)
     from minigpt4.serve.gradio_app import build_demo, launch
 
-    model = load_model(args, overrides)  # once, before the page is served
     demo = build_demo(model, settings, template=args.template, system=args.system)
     print(f"demo on http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""), flush=True)
     launch(demo, host=args.host, port=args.port, share=args.share)

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from minigpt4.commands import CommandError
+from minigpt4.commands.paths import check_output_folder
+
 STAGE2_TEMPLATE = "###Human: {} ###Assistant: "
 # Short prompts: every prompt token costs frozen-LLM time on a CPU.
 STAGE2_PROMPTS = (
@@ -147,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.chat import Chat
     from minigpt4.config import train_config
     from minigpt4.data import synthetic
+    from minigpt4.device import check_device
     from minigpt4.embedded import prepare_smollm2
     from minigpt4.eval_shapes import evaluate_split
     from minigpt4.feature_cache import build_cache, data_transform
@@ -155,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.processing.image import eval_transform
     from minigpt4.train.loop import train
 
+    if args.threads < 1:
+        raise CommandError(f"--threads must be at least 1, got {args.threads}")
+    check_device(args.device, "--device")
+    check_output_folder(args.output, "--output")
     plan = FAST if args.fast else FULL
     torch.set_num_threads(args.threads)
     out = args.output.resolve()

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from minigpt4.commands.paths import check_output_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="a training job YAML, e.g. configs/stage1_pretrain.yaml")
@@ -15,21 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from minigpt4.config import ConfigError, train_config
-    from minigpt4.convert import CheckpointError
+    from minigpt4.config import train_config
+    from minigpt4.device import check_device
     from minigpt4.train.loop import TrainingDiverged, train
 
     if os.environ.get("RANK", "0") != "0":
         logging.getLogger().setLevel(logging.WARNING)  # one console voice: rank 0 (others warn only)
+    # Input errors (ConfigError, CheckpointError, a missing path) end as one `error:` line in minigpt4.cli.
+    cfg = train_config(args.config, args.overrides)
+    check_device(cfg.model.device)
+    check_output_folder(Path(cfg.train.output_dir), "train.output_dir")
     try:
-        cfg = train_config(args.config, args.overrides)
         result = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}")
-        return 2
-    except (FileNotFoundError, CheckpointError) as err:  # a path in the config that does not lead to usable input
-        print(f"error: {err}")
-        return 2
     except TrainingDiverged as err:
         print(f"training stopped: {err}")
         return 1

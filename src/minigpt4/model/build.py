@@ -8,20 +8,13 @@ from dataclasses import replace
 import torch
 
 from minigpt4 import convert
-from minigpt4.config import ModelConfig, TrainJobConfig
+from minigpt4.config import ConfigError, ModelConfig, TrainJobConfig
+from minigpt4.device import check_device
 from minigpt4.model.llm import DTYPES, load_llm
 from minigpt4.model.minigpt4 import MiniGPT4
+from minigpt4.model.tiny import is_random_llm
 
 log = logging.getLogger(__name__)
-
-
-def _import_device_backend(device: str) -> None:
-    """Out-of-tree torch backends register their device type on import (Ascend: torch_npu)."""
-    if device.split(":")[0] == "npu":  # torch.device() itself rejects "npu" until torch_npu is imported
-        try:
-            import torch_npu  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError(f"model.device={device!r} needs the torch_npu package (Ascend NPUs)") from err
 
 
 def build_model(cfg: ModelConfig) -> MiniGPT4:
@@ -32,7 +25,7 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     with no file stay random, which is only meant for tests and benchmarks, and is logged.
     """
     dtype = DTYPES[cfg.dtype]
-    _import_device_backend(cfg.device)
+    check_device(cfg.device)
     if cfg.weights.pretrained:
         return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype)
     if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and cfg.weights.blip2:
@@ -41,7 +34,7 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
             cfg.weights.vit, cfg.weights.blip2, cfg.llm.path, projection, dtype=dtype, device=cfg.device, config=cfg
         )
     if cfg.weights.vit or cfg.weights.blip2:
-        raise ValueError(
+        raise ConfigError(
             "model.weights.vit and model.weights.blip2 go together (eva_vit_g.pth and "
             "blip2_pretrained_flant5xxl.pth); set both, or neither for random towers"
         )
@@ -71,3 +64,22 @@ def build_job_model(job: TrainJobConfig, device: str | None = None) -> MiniGPT4:
     with torch.random.fork_rng(devices=[]):  # weights are drawn on the CPU generator, then placed
         torch.default_generator.manual_seed(job.train.seed)
         return build_model(cfg)
+
+
+def random_parts(cfg: ModelConfig, llm_path: str) -> list[str]:
+    """The parts of `build_model(cfg)` whose weights are random, by name; `llm_path` is the LLM it loaded.
+
+    Towers without their files and a projection without a checkpoint start random (right for stage-1
+    training, noise for chatting); so does the tiny preset's LLM. A `weights.pretrained` folder
+    holds its own towers and projection.
+    """
+    parts = ["LLM"] if is_random_llm(llm_path) else []
+    if cfg.weights.pretrained:
+        return parts
+    if cfg.vision.arch == "eva_vit_g" and not (cfg.weights.vit and cfg.weights.blip2):
+        parts += ["vision tower", "Q-Former"]
+    elif cfg.vision.arch == "efficientnet_lite0":
+        parts.append("Q-Former")  # no pretrained Q-Former exists for this tower; training makes one
+    if not cfg.weights.projection:
+        parts.append("projection")
+    return parts
