@@ -18,6 +18,7 @@ from PIL import Image
 from minigpt4.serve.api import create_app
 from minigpt4.serve.config import ServeConfig
 from minigpt4.serve.engine import ModelEngine
+from minigpt4.serve.transport import server_config
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +35,12 @@ def serve_engine(tiny_llm_dir) -> ModelEngine:
 
 @contextlib.contextmanager
 def running_server(engine: ModelEngine, config: ServeConfig) -> Iterator[str]:
-    """Serve `create_app(engine, config)` on a free loopback port; yields the base URL ('http://127.0.0.1:P')."""
+    """Serve `create_app(engine, config)` as `serve` does (same uvicorn settings and connection gate) on a
+    free loopback port; yields the base URL ('http://127.0.0.1:P')."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="warning", timeout_keep_alive=5))
+    server = uvicorn.Server(server_config(create_app(engine, config), config, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

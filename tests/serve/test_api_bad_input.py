@@ -282,7 +282,8 @@ def test_oversized_body(http):
 def test_oversized_chunked_body(http):
     """Without a Content-Length the server counts while reading and stops at the limit."""
     chunks = [b'{"model": "minigpt4-tiny", "messages": [{"role": "user", "content": "'] + [b"x" * 65536] * 8 + [b'"}]}']
-    response = http.post("/v1/chat/completions", content=iter(chunks), headers=AUTH)
+    response = http.post("/v1/chat/completions", content=iter(chunks),
+                         headers={**AUTH, "Content-Type": "application/json"})
     expect_error(response, 413, "max_body_bytes")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 
+from minigpt4.cli import CommandError
 from minigpt4.commands.model_options import add_model_arguments, load_model
 from minigpt4.serve.config import API_KEY_ENV, ServeConfig
 
@@ -25,27 +25,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     for spec in _FLAGGED:
         default = getattr(defaults, spec.name)
-        flag = "--" + spec.name.replace("_", "-")
+        flag = spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
         if isinstance(default, bool):
-            server.add_argument(flag, action="store_true", help=spec.metadata["help"])
+            server.add_argument(flag, dest=spec.name, action="store_true", help=spec.metadata["help"])
+        elif isinstance(default, tuple):
+            server.add_argument(flag, dest=spec.name, action="append", default=[], metavar="URL",
+                                help=spec.metadata["help"])
         else:
-            server.add_argument(flag, type=type(default), default=default,
+            server.add_argument(flag, dest=spec.name, type=type(default), default=default,
                                 help=f"{spec.metadata['help']} (default: {default!r})")
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The checked ServeConfig the flags describe; a bad value is a usage error (`error: ...`, exit 2)."""
+    from minigpt4.serve.transport import ensure_file_limit
+
+    values = {spec.name: getattr(args, spec.name) for spec in _FLAGGED}
+    config = ServeConfig(
+        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, ""),
+        **{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()},
+    )
+    try:
+        config.check()
+        ensure_file_limit(config)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
     from minigpt4.serve.api import serve
     from minigpt4.serve.engine import ModelEngine
 
-    config = ServeConfig(
-        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV, ""),
-        **{spec.name: getattr(args, spec.name) for spec in _FLAGGED},
-    )
-    try:
-        config.check()
-    except ValueError as err:
-        print(f"minigpt4 serve: {err}", file=sys.stderr)
-        return 2
+    config = serve_config(args)
     engine = ModelEngine(load_model(args, args.overrides), template=config.template)
     print(f"serving {config.model_name!r} on http://{config.host}:{config.port}/v1 "
           f"(API key {'required' if config.api_key else 'not required'})", flush=True)

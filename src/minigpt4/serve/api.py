@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/chat/completions` (text and `image_url` parts, `stream: true` as server-sent
 events), `GET /v1/models`, `GET /health`. Every error is OpenAI's error JSON with a fitting status.
 
-A request goes: API key -> body read up to `max_body_bytes` -> strict schema validation -> limits
+A request goes: connection caps and the head deadline, Host and Origin checks (`transport`) -> API key
+-> JSON body read within its size, time and buffered-bytes bounds -> strict schema validation -> limits
 on n, max_tokens, image count, prompt tokens -> image decoding (header-checked) -> the batching
 scheduler's bounded queue (429 + Retry-After when full) -> the answer. Parsing and image decoding
 run on the thread pool so the event loop keeps serving; the model runs on the scheduler's thread.
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from minigpt4.chat.generation import GenerationSettings
 from minigpt4.serve.config import ServeConfig
@@ -48,6 +50,14 @@ from minigpt4.serve.schemas import (
     ModelList,
     Usage,
     describe_validation_error,
+)
+from minigpt4.serve.transport import (
+    BodyReader,
+    ConnectionGate,
+    RequestGate,
+    binds_loopback,
+    ensure_file_limit,
+    server_config,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +92,7 @@ class ChatService:
         self.config = config
         self.created = int(time.time())
         self.preparing = asyncio.Semaphore(_CONCURRENT_PREPARES)
+        self.bodies = BodyReader(config)
         self.scheduler = BatchScheduler(
             engine.generate,
             engine.stream_batch,
@@ -101,24 +112,6 @@ class ChatService:
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="missing_api_key")
         if not hmac.compare_digest(token.strip().encode(), self.config.api_key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key")
-
-    async def read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 as soon as it passes `max_body_bytes` (declared or actual)."""
-        limit = self.config.max_body_bytes
-        too_big = APIError(
-            413, f"the request body exceeds the limit max_body_bytes={limit}; send fewer or smaller images",
-            code="request_too_large",
-        )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_big
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def parse(self, body: bytes) -> ChatCompletionRequest:
         if not body.strip():
@@ -384,6 +377,11 @@ def create_app(engine: ModelEngine, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="minigpt4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    app.state.connection_gate = ConnectionGate(config)  # used by the uvicorn protocol that `server_config` makes
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RequestGate, check_host=binds_loopback(config.host), origins=config.cors_origins)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -408,7 +406,7 @@ def create_app(engine: ModelEngine, config: ServeConfig) -> FastAPI:
     async def health() -> JSONResponse:
         healthy = service.scheduler.healthy
         body = {"status": "ok" if healthy else "unavailable", "model": config.model_name,
-                **service.scheduler.stats()}
+                **service.scheduler.stats(), "connections": app.state.connection_gate.stats()}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/v1/models")
@@ -428,10 +426,10 @@ def create_app(engine: ModelEngine, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         service.check_key(request)
-        body = await service.read_body(request)
-        parsed = await run_in_threadpool(service.parse, body)
-        async with service.preparing:
-            prepared = await run_in_threadpool(service.prepare, parsed)
+        async with service.bodies.read(request) as body:  # its bytes stay counted until the images are decoded
+            parsed = await run_in_threadpool(service.parse, body)
+            async with service.preparing:
+                prepared = await run_in_threadpool(service.prepare, parsed)
         if prepared.stream:
             return await service.stream(prepared)
         return await service.complete(request, prepared)
@@ -443,11 +441,11 @@ def serve(engine: ModelEngine, config: ServeConfig) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+    config.check()
+    ensure_file_limit(config)
+    if not binds_loopback(config.host) and not config.api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                     config.host)
-    app = create_app(engine, config)
-    # A last-resort cap on open connections and tasks; the scheduler's queue is the real back-pressure.
     # On Ctrl-C, open streams get 10 s to finish before they are cut.
-    uvicorn.run(app, host=config.host, port=config.port, limit_concurrency=max(256, 4 * config.max_queue),
-                timeout_keep_alive=5, timeout_graceful_shutdown=10, log_level="info")
+    uvicorn.Server(server_config(create_app(engine, config), config, timeout_graceful_shutdown=10,
+                                 log_level="info")).run()
