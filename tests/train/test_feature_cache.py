@@ -249,3 +249,70 @@ def test_fsdp_trains_from_the_feature_cache(tmp_path, tiny_llm_dir, tiny_data):
     fsdp = read_log(tmp_path / "fsdp")
     assert sorted(fsdp) == [1, 2, 3]
     assert [fsdp[step]["loss"] for step in (1, 2, 3)] == pytest.approx(one.losses, rel=1e-5)
+
+
+def test_rebuilding_never_leaves_a_cache_that_reads_as_whole(tmp_path, tiny_model, monkeypatch):
+    """A rebuild removes the old manifest before writing (a half-built cache is refused, not read with shards
+    that now hold other samples) and the old shards; a folder whose manifest.json is not a cache's is left alone."""
+    images = [synthetic.draw_scene(seed, size=32)[0] for seed in range(6)]
+    aligned = tmp_path / "aligned"
+    synthetic.write_stage2(aligned, [(str(i), image, f"Shape {i}.") for i, image in enumerate(images)])
+    transform = eval_transform(224)
+    build_cache(tiny_model, [("aligned", str(aligned))], tmp_path / "cache", transform, batch_size=2, shard_size=2)
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 3
+
+    calls = []
+    real = type(tiny_model).frozen_features
+
+    def fail_on_second_batch(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(self, pixels)
+
+    monkeypatch.setattr(type(tiny_model), "frozen_features", fail_on_second_batch)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_cache(tiny_model, [("aligned", str(aligned))], tmp_path / "cache", transform, batch_size=2, shard_size=2)
+    with pytest.raises(FileNotFoundError, match="no manifest.json; build it with `minigpt4 cache-features`"):
+        FeatureCache(tmp_path / "cache", tiny_model, transform)
+    monkeypatch.undo()
+
+    small = tmp_path / "small"
+    synthetic.write_stage2(small, [("0", images[0], "Shape 0.")])
+    build_cache(tiny_model, [("aligned", str(small))], tmp_path / "cache", transform, shard_size=2)
+    assert [p.name for p in (tmp_path / "cache").glob("features-*.safetensors")] == ["features-00000.safetensors"]
+    assert [s.key for s in FeatureCache(tmp_path / "cache", tiny_model, transform).datasets[0]] == ["0"]
+
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "something else"}')
+    with pytest.raises(ValueError, match="not a feature cache's manifest"):
+        build_cache(tiny_model, [("aligned", str(small))], foreign, transform)
+    assert (foreign / "manifest.json").read_text() == '{"name": "something else"}'
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_data, capsys):
+    """cache-features: a missing LLM folder, a missing dataset, bad flags; train: a stale cache."""
+    from minigpt4.cli import main
+
+    datasets = [{"kind": "aligned", "path": str(tiny_data.aligned)}]
+    args = overrides(tiny_llm_dir, tmp_path / "run", datasets, "data.augment=false")
+    cases = [
+        ([*args, "model.llm.path=/nonexistent/llm"], "model.llm.path='/nonexistent/llm' is not a folder"),
+        (overrides(tiny_llm_dir, tmp_path / "run", [{"kind": "aligned", "path": str(tmp_path / "nowhere")}],
+                   "data.augment=false"), "filter_cap.json not found"),
+        ([*args, "--views", "0"], "--views must be at least 1"),
+    ]
+    for case, message in cases:
+        assert main(["cache-features", str(CONFIG), *case, "--output", str(tmp_path / "cache")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1, error
+        assert not (tmp_path / "cache").exists()  # refused before any work
+
+    assert main(["cache-features", str(CONFIG), *args, "--output", str(tmp_path / "cache")]) == 0
+    assert "train from it with: data.feature_cache=" in capsys.readouterr().out
+    stale = [*args, "model.vision.image_size=70", f"data.feature_cache={tmp_path / 'cache'}"]
+    assert main(["train", str(CONFIG), *stale]) == 2
+    captured = capsys.readouterr()
+    said = (captured.out + captured.err).strip()
+    assert "feature cache" in said and "minigpt4 cache-features" in said and "Traceback" not in said

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.data import summarize_skips
     from minigpt4.device import check_device
     from minigpt4.feature_cache import build_cache, data_transform
+    from minigpt4.feature_cache.writer import dataset_samples
     from minigpt4.model.build import build_job_model
 
     for flag, value, least in (("--views", args.views, 1), ("--batch-size", args.batch_size, 1),
@@ -51,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.views == 1 and cfg.data.augment:
         raise CommandError("data.augment=true draws a new random crop every pass, which one cached view cannot "
                            "stand in for; pass --views 4 (or more), or set data.augment=false")
+    try:  # open every dataset before the model is built: a wrong path fails in a second, not after loading
+        for index, dataset in enumerate(cfg.data.datasets):
+            dataset_samples(dataset.kind, dataset.path, index, seed=cfg.train.seed,
+                            process_captions=cfg.data.process_captions)
+    except ValueError as err:  # remote shards, a malformed annotation file (a missing path: FileNotFoundError)
+        raise CommandError(str(err)) from err
     check_device(cfg.model.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,9 +36,9 @@ def feature_batches(
         raise ValueError(f"{len(ratios)} ratios for {len(datasets)} cached datasets")
     for index, samples in enumerate(datasets):
         if len(samples) // world_size < batch_size:
-            raise ValueError(
-                f"cached dataset {index} has {len(samples)} samples: too few for "
-                f"batch_size={batch_size} x {world_size} processes"
+            raise ConfigError(
+                f"the cached dataset {cache.manifest['datasets'][index]['path']!r} has {len(samples)} samples: "
+                f"too few for data.batch_size={batch_size} on {world_size} process(es); lower data.batch_size"
             )
 
     def epochs(index: int) -> Iterator[tuple[int, int]]:

@@ -62,10 +62,45 @@ class _ShardWriter:
             self.index += 1
 
 
+def _clear_old_cache(folder: Path) -> None:
+    """Remove an earlier cache in `folder`: the manifest first, so that a rebuild that stops half-way is never
+    read as a complete cache whose shards now hold other samples; then its shards, so none is left over.
+
+    Raises:
+        ValueError: `folder` holds a manifest.json that is not a feature cache's (nothing is removed).
+    """
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        try:
+            ours = "fingerprint" in json.loads(manifest.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{manifest} exists and is not a feature cache's manifest; "
+                             "write the cache to an empty or new folder")
+        manifest.unlink()
+    for old in folder.glob("features-*.safetensors"):
+        old.unlink()
+
+
 @dataclass
 class _Pending:
     item: Candidate
     views: list[torch.Tensor]  # (3, H, W) each
+
+
+def _prepared(reader: Iterator[Candidate | SkippedSample], transform: ImageTransform, views: int
+              ) -> Iterator[_Pending | SkippedSample]:
+    """Each sample decoded and transformed `views` times (view v seeded from the sample and v), or its skip:
+    the decoding and transform steps of training, with its skip reasons."""
+    for item in reader:
+        image = item if isinstance(item, SkippedSample) else decode(item)
+        if isinstance(image, SkippedSample):
+            yield image
+            continue
+        tensors = [transform_sample(transform, image, replace(item, seed=stable_seed("view", item.seed, v)))
+                   for v in range(views)]
+        yield next((t for t in tensors if isinstance(t, SkippedSample)), None) or _Pending(item, tensors)
 
 
 @torch.no_grad()
@@ -84,22 +119,19 @@ def build_cache(
     """Write the cache of `sources` [(kind, path), ...] to `output`; returns (samples, skipped).
 
     `views` > 1 only makes sense with a random (training) transform: view v of a sample is the transform
-    seeded from (seed, dataset, sample, v), so it does not depend on batching. `progress(n)` is called
+    seeded from (seed, dataset, sample, v), so it does not depend on batching. Every dataset is opened
+    before an old cache in `output` is removed, and the manifest is written last. `progress(n)` is called
     after every batch with the number of images just done.
 
     Raises:
-        ValueError: a dataset with no usable sample at all, naming it and the kinds of problems found.
+        FileNotFoundError / ValueError: a dataset path that leads to no input (as the training readers say it),
+            a dataset with no usable sample at all (naming the kinds of problems found), or an `output` folder
+            holding a manifest.json that is not a cache's.
     """
     if views < 1:
         raise ValueError(f"views={views}: need at least one view per image")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    skipped: list[SkippedSample] = []
-    datasets = []
-    writer = _ShardWriter(output, shard_size)
-    feature_shape: list[int] = []
 
     def encode(index: int, pending: list[_Pending], records: list[dict]) -> None:
         pixels = torch.stack([view for p in pending for view in p.views])  # (B*views, 3, H, W)
@@ -113,16 +145,21 @@ def build_cache(
         if progress is not None:
             progress(len(pending))
 
-    for index, (kind, path) in enumerate(sources):
+    # Open every dataset (checking its paths and annotation file) before an old cache is touched.
+    readers = [dataset_samples(kind, path, index, seed=seed, process_captions=process_captions)
+               for index, (kind, path) in enumerate(sources)]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    _clear_old_cache(output)
+    skipped: list[SkippedSample] = []
+    datasets = []
+    writer = _ShardWriter(output, shard_size)
+    feature_shape: list[int] = []
+    for index, ((kind, path), reader) in enumerate(zip(sources, readers, strict=True)):
         records: list[dict] = []
         pending: list[_Pending] = []
         dataset_skips: list[SkippedSample] = []
-        for item in dataset_samples(kind, path, index, seed=seed, process_captions=process_captions):
-            result = item if isinstance(item, SkippedSample) else decode(item)
-            if not isinstance(result, SkippedSample):
-                tensors = [transform_sample(transform, result, replace(item, seed=stable_seed("view", item.seed, v)))
-                           for v in range(views)]
-                result = next((t for t in tensors if isinstance(t, SkippedSample)), None) or _Pending(item, tensors)
+        for result in _prepared(reader, transform, views):
             if isinstance(result, SkippedSample):
                 log.warning("skipped %s", result)
                 dataset_skips.append(result)
@@ -149,5 +186,7 @@ def build_cache(
         "datasets": datasets,
         "skipped": len(skipped),
     }
-    (output / MANIFEST).write_text(json.dumps(manifest))
+    partial = output / f"{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest))
+    partial.replace(output / MANIFEST)  # the manifest appears whole, after every shard is written
     return sum(len(d["samples"]) for d in datasets), skipped
