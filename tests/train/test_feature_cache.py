@@ -50,9 +50,12 @@ def _first_pass(batches, kept: int) -> tuple[list[str], set[tuple[str, str, str]
 
 
 def test_cache_keeps_and_skips_exactly_what_training_reads(tmp_path, tiny_model):
-    """Empty captions, a .webp image, a corrupt image, no caption and a truncated tar: the cache keeps the keys the
-    training readers keep and skips (and counts) the samples they skip, for shards and for an aligned folder."""
+    """Empty captions, a .webp image, a corrupt image, no caption, a member over max_image_bytes and a truncated tar:
+    the cache keeps the keys the training readers keep and skips (and counts) the samples they skip, for shards and
+    for an aligned folder."""
     images = [synthetic.draw_scene(seed, size=32)[0] for seed in range(8)]
+    noise = Image.fromarray(torch.randint(0, 256, (128, 128, 3), dtype=torch.uint8).numpy())  # ~49 kB as PNG
+    limit = 40_000  # data.max_image_bytes for both readers
     shards = tmp_path / "shards"
     shards.mkdir()
 
@@ -72,6 +75,7 @@ def test_cache_keeps_and_skips_exactly_what_training_reads(tmp_path, tiny_model)
                       sample("corrupt", b"not an image"),
                       sample("no-caption", _encoded(images[3], "JPEG"), caption=None),
                       sample("no-image", None),
+                      sample("too-large", _encoded(noise, "PNG"), ext="png"),
                       sample("good-png", _encoded(images[4], "PNG"), ext="png")):
             writer.write(entry)
     with TarWriter(str(shards / "00001.tar"), mtime=0) as writer:
@@ -91,22 +95,23 @@ def test_cache_keeps_and_skips_exactly_what_training_reads(tmp_path, tiny_model)
 
     transform = eval_transform(tiny_model.config.vision.image_size)
     count, skipped = build_cache(tiny_model, [("webdataset", str(shards)), ("aligned", str(aligned))],
-                                 tmp_path / "cache", transform, batch_size=3, seed=5)
+                                 tmp_path / "cache", transform, batch_size=3, seed=5, max_image_bytes=limit)
     cache = FeatureCache(tmp_path / "cache", tiny_model, transform)
     cached_keys = [[sample.key for sample in dataset] for dataset in cache.datasets]
     cached_skips = {(s.source, s.key, s.reason) for s in skipped}
 
     shard_keys, shard_skips = _first_pass(
-        stage1_batches([(str(shards), 1.0)], transform, 1, seed=5, shuffle_buffer=0), len(cached_keys[0]))
-    aligned_keys, aligned_skips = _first_pass(stage2_batches(str(aligned), transform, 1, seed=5),
-                                              len(cached_keys[1]))
+        stage1_batches([(str(shards), 1.0)], transform, 1, seed=5, shuffle_buffer=0, max_image_bytes=limit),
+        len(cached_keys[0]))
+    aligned_keys, aligned_skips = _first_pass(stage2_batches(str(aligned), transform, 1, seed=5,
+                                                             max_image_bytes=limit), len(cached_keys[1]))
     assert sorted(cached_keys[0]) == sorted(shard_keys)
     assert {"good-jpg", "webp", "good-png", "second-0"} <= set(cached_keys[0])
     assert sorted(cached_keys[1]) == sorted(aligned_keys) == ["0", "4", "5"]
     assert cached_skips == shard_skips | aligned_skips
     reasons = {reason.split(":")[0] for _, _, reason in cached_skips}
-    assert {"empty caption", "corrupt image", "no caption", "no image", "truncated tar",
-            "missing image"} <= reasons
+    assert {"empty caption", "corrupt image", "no caption", "no image", "truncated tar", "missing image",
+            "too large"} <= reasons
     assert count == len(shard_keys) + 3 and cache.manifest["skipped"] == len(skipped) == len(cached_skips)
     webp = next(s for s in cache.datasets[0] if s.key == "webp")
     expected = tiny_model.frozen_features(transform(images[1].convert("RGB")).unsqueeze(0))[0]

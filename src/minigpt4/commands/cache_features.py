@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # open every dataset before the model is built: a wrong path fails in a second, not after loading
         for index, dataset in enumerate(cfg.data.datasets):
             dataset_samples(dataset.kind, dataset.path, index, seed=cfg.train.seed,
-                            process_captions=cfg.data.process_captions)
+                            process_captions=cfg.data.process_captions, max_image_bytes=cfg.data.max_image_bytes)
     except ValueError as err:  # remote shards, a malformed annotation file (a missing path: FileNotFoundError)
         raise CommandError(str(err)) from err
     check_device(cfg.model.device)
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             process_captions=cfg.data.process_captions,
             seed=cfg.train.seed,
             progress=bar.update,
+            max_image_bytes=cfg.data.max_image_bytes,
         )
     except (FileNotFoundError, ValueError) as err:  # a dataset path that leads to no usable input
         raise CommandError(str(err)) from err

@@ -20,7 +20,7 @@ from minigpt4.data.aligned import AlignedSource
 from minigpt4.data.pipeline import Candidate, decode, stable_seed, transform_sample
 from minigpt4.data.webdataset import ShardSource
 from minigpt4.feature_cache.layout import FORMAT_VERSION, MANIFEST, fingerprint, shard_name
-from minigpt4.processing.image import ImageTransform
+from minigpt4.processing.image import MAX_IMAGE_BYTES, ImageTransform
 from minigpt4.processing.text import process_caption
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,18 @@ log = logging.getLogger(__name__)
 KINDS = ("webdataset", "aligned")
 
 
-def dataset_samples(kind: str, path: str, index: int, *, seed: int, process_captions: bool
-                    ) -> Iterator[Candidate | SkippedSample]:
-    """Every sample of one training dataset once, as the training readers see it (captions processed alike)."""
+def dataset_samples(kind: str, path: str, index: int, *, seed: int, process_captions: bool,
+                    max_image_bytes: int = MAX_IMAGE_BYTES) -> Iterator[Candidate | SkippedSample]:
+    """Every sample of one training dataset once, as the training readers see it (captions processed alike).
+
+    The dataset is opened (paths and annotation file checked) on the call; samples are read when iterated.
+    """
     if kind == "webdataset":
         processor = process_caption if process_captions else None
-        return ShardSource(path, index, seed=seed, shuffle_buffer=0, caption_processor=processor).one_pass()
+        return ShardSource(path, index, seed=seed, shuffle_buffer=0, caption_processor=processor,
+                           max_image_bytes=max_image_bytes).one_pass()
     if kind == "aligned":  # stage 2 uses raw captions, as in training
-        return AlignedSource(path, seed=seed).one_pass()
+        return AlignedSource(path, seed=seed, max_image_bytes=max_image_bytes).one_pass()
     raise ValueError(f"dataset kind {kind!r} cannot be cached; use one of {', '.join(KINDS)}")
 
 
@@ -115,6 +119,7 @@ def build_cache(
     process_captions: bool = True,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[int, list[SkippedSample]]:
     """Write the cache of `sources` [(kind, path), ...] to `output`; returns (samples, skipped).
 
@@ -146,7 +151,8 @@ def build_cache(
             progress(len(pending))
 
     # Open every dataset (checking its paths and annotation file) before an old cache is touched.
-    readers = [dataset_samples(kind, path, index, seed=seed, process_captions=process_captions)
+    readers = [dataset_samples(kind, path, index, seed=seed, process_captions=process_captions,
+                               max_image_bytes=max_image_bytes)
                for index, (kind, path) in enumerate(sources)]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
