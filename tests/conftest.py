@@ -47,3 +47,23 @@ def photo():
     from skimage import data
 
     return Image.fromarray(data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def sideways_jpeg():
+    """orientation -> a 40x20 JPEG, red on top and blue below, tagged with that EXIF orientation: as a phone
+    stores a portrait photo (6: turn 90 degrees clockwise to view, 8: counter-clockwise). Upright it is 20x40."""
+    import io
+
+    from PIL import Image
+
+    def make(orientation: int) -> bytes:
+        stored = Image.new("RGB", (40, 20), (0, 0, 255))
+        stored.paste((255, 0, 0), (0, 0, 40, 10))
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        stored.save(buffer, "JPEG", quality=95, exif=exif)
+        return buffer.getvalue()
+
+    return make

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import threading
 
 import pytest
 
@@ -123,3 +125,67 @@ def test_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--preset" in capsys.readouterr().out
+
+
+@pytest.fixture
+def unreadable(tmp_path):
+    """Paths that must never be read as images: a device, a FIFO, a folder, and a 2 GiB (sparse) file."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    folder = tmp_path / "folder.jpg"
+    folder.mkdir()
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as handle:
+        handle.truncate(2**31)
+    return {"device": "/dev/zero", "fifo": str(fifo), "directory": str(folder), "huge": str(huge)}
+
+
+def _finishes(call, seconds: float = 60.0):
+    """call() in a thread: its result, or a test failure if it is still running (reading) after `seconds`."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind, phrase", [
+    ("device", "is a device, not a regular file"), ("fifo", "is a FIFO (named pipe), not a regular file"),
+    ("directory", "is a directory, not a regular file"), ("huge", "2147483648 bytes, over the limit max_image_bytes="),
+])
+def test_chat_refuses_devices_fifos_folders_and_huge_files_in_one_line(tiny_llm_dir, unreadable, kind, phrase, capsys):
+    args = ["chat", "--preset", "tiny", "--image", unreadable[kind], "hi", f"llm.path={tiny_llm_dir}"]
+    rc = _finishes(lambda: main(args))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err and unreadable[kind] in err
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_caption_refuses_a_device_or_fifo_input_in_one_line(tiny_llm_dir, unreadable, tmp_path, kind, capsys):
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", "--preset", "tiny", "-o", str(out), unreadable[kind], f"llm.path={tiny_llm_dir}"]
+    rc = _finishes(lambda: main(args))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert unreadable[kind] in err and "not a regular file or a folder" in err
+    assert not out.exists()
+
+
+def test_caption_skips_and_counts_what_cannot_be_read(tiny_llm_dir, photo, unreadable, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo.save(folder / "a.png")
+    os.replace(unreadable["huge"], folder / "huge.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder}\n{unreadable['device']}\n{unreadable['fifo']}\n")
+    out = tmp_path / "captions.jsonl"
+    rc = _finishes(lambda: main(["caption", "--preset", "tiny", "-o", str(out), "--max-new-tokens", "2", f"@{listing}",
+                                 f"llm.path={tiny_llm_dir}"]))
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == ["a.png"]
+    assert "1 captioned, 0 already done, 3 skipped" in err
+    assert "[huge.jpg] is 2147483648 bytes, over the limit max_image_bytes=" in err
+    assert f"{unreadable['fifo']}: not a regular file" in err and "/dev/zero: not a regular file" in err

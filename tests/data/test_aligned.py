@@ -6,10 +6,12 @@ import json
 import os
 
 import pytest
+import torch
+from PIL import Image
 
 from minigpt4.data.aligned import stage2_batches
 from minigpt4.data.prompts import load_prompts
-from minigpt4.processing.image import train_transform
+from minigpt4.processing.image import eval_transform, train_transform
 from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE
 
 from .conftest import make_aligned, same_batches, take
@@ -126,3 +128,12 @@ def test_huge_files_fifos_and_folders_are_skipped_unread(tmp_path, transform):
     assert "max_image_bytes=1000000" in skipped["2"]
     assert skipped["3"].startswith("unreadable image: ") and "FIFO" in skipped["3"]
     assert skipped["4"].startswith("unreadable image: ") and "directory" in skipped["4"]
+
+
+def test_exif_orientation_is_applied_in_training(tmp_path, sideways_jpeg):
+    root = make_aligned(tmp_path, 1)
+    (root / "image" / "1.jpg").write_bytes(sideways_jpeg(8))
+    batch = next(stage2_batches(str(root), eval_transform(8), 1, seed=0))
+    upright = Image.open(root / "image" / "1.jpg").transpose(Image.Transpose.ROTATE_90)  # what 8 asks for
+    assert upright.size == (20, 40)
+    assert torch.equal(batch["image"][0], eval_transform(8)(upright.convert("RGB")))

@@ -85,19 +85,8 @@ def test_truncated_and_non_images_raise_an_error_naming_the_file(photo, tmp_path
 # ---------------------------------------------------------------- EXIF orientation, limits, file kinds
 
 
-def sideways_jpeg(orientation: int) -> bytes:
-    """A 40x20 JPEG, red on top and blue below, tagged with EXIF `orientation` (6 or 8: a portrait phone photo)."""
-    stored = Image.new("RGB", (40, 20), (0, 0, 255))
-    stored.paste((255, 0, 0), (0, 0, 40, 10))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=95, exif=exif)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("orientation, left, right", [(6, "blue", "red"), (8, "red", "blue")])
-def test_exif_orientation_is_applied(tmp_path, orientation, left, right):
+def test_exif_orientation_is_applied(tmp_path, sideways_jpeg, orientation, left, right):
     colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
     path = tmp_path / "portrait.jpg"
     path.write_bytes(sideways_jpeg(orientation))

@@ -52,3 +52,10 @@ def test_examples_are_real_photos(tmp_path):
     paths = write_examples(tmp_path)
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["cat.png", "astronaut.png", "coffee.png", "rocket.png"]
     assert all(check_upload(p, DemoLimits()).size[0] >= 300 for p in paths)
+
+
+def test_a_sideways_phone_photo_arrives_upright(tmp_path, sideways_jpeg):
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(sideways_jpeg(6))
+    image = check_upload(path, DemoLimits())
+    assert image.size == (20, 40) and image.getpixel((16, 20))[0] > 200  # the stored top (red) is on the right

@@ -109,6 +109,8 @@ def iter_items(specs: list[str], skipped: list[str]) -> Iterator[Item]:
                     yield Item(key, shard, members[ext])
         elif path.is_file():
             yield Item(path.as_posix(), path.as_posix(), path)
+        elif path.exists():
+            skipped.append(f"{spec}: not a regular file (a FIFO, device or socket); not read")
         else:
             skipped.append(f"{spec}: no such file, folder or shard")
 
@@ -149,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     overrides, inputs = split_overrides(args.inputs, keep=lambda item: Path(item).exists())
     if not inputs:
         raise CommandError("give at least one image file, folder or shard")
+    for spec in inputs:  # from stat alone: a FIFO or /dev/zero is never opened
+        if Path(spec).exists() and not (Path(spec).is_file() or Path(spec).is_dir()):
+            raise CommandError(f"{spec} is not a regular file or a folder (a FIFO, device or socket); "
+                               "give image files, folders or .tar shards")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     settings = generation_settings(args)

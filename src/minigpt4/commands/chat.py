@@ -81,14 +81,18 @@ def _interactive(chat, stream: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from minigpt4.chat import Chat
-    from minigpt4.processing.image import eval_transform
+    from minigpt4.processing.image import ImageError, check_image_file, eval_transform
 
     overrides, words = split_overrides(args.words)
     question = " ".join(words).strip()
     settings = generation_settings(args)
-    for path in args.image:
-        if not path.is_file():
-            raise CommandError(f"--image {path}: no such file")
+    for path in args.image:  # before the model loads; from stat alone: a FIFO or /dev/zero is never opened
+        try:
+            check_image_file(path)
+        except FileNotFoundError:
+            raise CommandError(f"--image {path}: no such file") from None
+        except ImageError as err:
+            raise CommandError(str(err)) from None
     model = load_model(args, overrides)
     chat = Chat(model, eval_transform(model.config.vision.image_size), template=args.template, system=args.system,
                 settings=settings)
