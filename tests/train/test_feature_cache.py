@@ -210,7 +210,10 @@ def test_training_reads_the_feature_cache_and_never_runs_the_tower(tmp_path, tin
     result = train(cfg)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
-    with pytest.raises(StaleCacheError, match="another image transform"):
+    with pytest.raises(StaleCacheError, match="other frozen weights or another image transform"):
+        train(_job(tiny_llm_dir, tmp_path, datasets, *extra, f"data.feature_cache={tmp_path / 'cache'}",
+                   "train.seed=7"))  # other random towers
+    with pytest.raises(ConfigError, match="1 view per image"):  # what to do, before "stale"
         train(_job(tiny_llm_dir, tmp_path, datasets, *extra[1:], f"data.feature_cache={tmp_path / 'cache'}",
                    "data.augment=true"))
 

@@ -22,7 +22,7 @@ class CachedSample:
 
 
 class FeatureCache:
-    """A cache folder opened for reading, after checking it matches the current model and transform."""
+    """A cache folder opened for reading; given a model and transform, checked to match them first (`verify`)."""
 
     def __init__(self, path: str | Path, model=None, transform: ImageTransform | None = None):
         self.path = Path(path)
@@ -36,21 +36,25 @@ class FeatureCache:
             version = self.manifest.get("format_version")
             raise StaleCacheError(f"{manifest_path}: unsupported format_version {version!r}; "
                                   "rebuild it with `minigpt4 cache-features`")
-        if model is not None and transform is not None:
-            expected = fingerprint(model, transform)
-            if self.manifest["fingerprint"] != expected:
-                raise StaleCacheError(
-                    f"the feature cache {self.path} was made with other frozen weights or another image transform "
-                    f"(cache {self.manifest['fingerprint']}, this run {expected}; cache transform "
-                    f"{self.manifest['transform']}). Rebuild it with `minigpt4 cache-features`, "
-                    "or unset data.feature_cache."
-                )
         self.views: int = self.manifest["views"]
         self.datasets: list[list[CachedSample]] = [
             [CachedSample(s["id"], s["key"], s["text"], s["shard"]) for s in d["samples"]]
             for d in self.manifest["datasets"]
         ]
         self._handles: dict[str, object] = {}
+        if model is not None and transform is not None:
+            self.verify(model, transform)
+
+    def verify(self, model, transform: ImageTransform) -> None:
+        """Raise StaleCacheError unless the cache was made with `model`'s frozen weights and `transform`."""
+        expected = fingerprint(model, transform)
+        if self.manifest["fingerprint"] != expected:
+            raise StaleCacheError(
+                f"the feature cache {self.path} was made with other frozen weights or another image transform "
+                f"(cache {self.manifest['fingerprint']}, this run {expected}; cache transform "
+                f"{self.manifest['transform']}). Rebuild it with `minigpt4 cache-features`, "
+                "or unset data.feature_cache."
+            )
 
     def features(self, sample: CachedSample, view: int) -> torch.Tensor:
         """(N, C) fp16 features of one view of one sample (memory-mapped read)."""

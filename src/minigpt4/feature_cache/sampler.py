@@ -71,10 +71,16 @@ def cached_batches(cfg: TrainJobConfig, model, *, rank: int = 0, world_size: int
                    start_batch: int = 0) -> Iterator[dict]:
     """Training batches from `cfg.data.feature_cache` for a training job and its built model.
 
-    Refuses (`StaleCacheError`) a cache made with other frozen weights or another transform, or whose
-    datasets differ from `cfg.data.datasets`, and (`ConfigError`) random augmentation from one stored view.
+    Refuses (`ConfigError`) random augmentation from one stored view, and (`StaleCacheError`) a cache whose
+    datasets differ from `cfg.data.datasets` or that was made with other frozen weights or another transform.
     """
-    cache = FeatureCache(cfg.data.feature_cache, model, data_transform(cfg))
+    cache = FeatureCache(cfg.data.feature_cache)
+    if cfg.data.augment and cache.views < 2:  # first: a one-view cache made without augmentation is also stale
+        raise ConfigError(
+            f"data.augment=true, but data.feature_cache={cfg.data.feature_cache!r} holds 1 view per image, so "
+            "every pass would train on the same crop; rebuild it with `minigpt4 cache-features --views 4` "
+            "(one view is drawn per image per pass), or set data.augment=false"
+        )
     cached = [(d["kind"], d["path"]) for d in cache.manifest["datasets"]]
     wanted = [(d.kind, d.path) for d in cfg.data.datasets]
     if cached != wanted:
@@ -83,12 +89,7 @@ def cached_batches(cfg: TrainJobConfig, model, *, rank: int = 0, world_size: int
             f"but data.datasets is {wanted}; "
             "rebuild the cache with `minigpt4 cache-features` for this config"
         )
-    if cfg.data.augment and cache.views < 2:
-        raise ConfigError(
-            f"data.augment=true, but data.feature_cache={cfg.data.feature_cache!r} holds 1 view per image, so "
-            "every pass would train on the same crop; rebuild it with `minigpt4 cache-features --views 4` "
-            "(one view is drawn per image per pass), or set data.augment=false"
-        )
+    cache.verify(model, data_transform(cfg))  # under FSDP a collective: every process gets here alike
     return feature_batches(
         cache,
         cfg.data.batch_size,
