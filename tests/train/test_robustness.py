@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
 
 from minigpt4.config import train_config
 from minigpt4.train import checkpoint as ckpt
-from minigpt4.train.loop import train
+from minigpt4.train.loop import TrainingDiverged, train
 
-from .conftest import REPO, overrides, read_log
+from .conftest import REPO, cli_command, cli_env, overrides, read_log
 
 
 def tiny_job(tiny_llm_dir, tiny_data, out, *extra):
@@ -33,3 +40,99 @@ def test_a_torn_last_log_line_does_not_break_resume(tiny_llm_dir, tiny_data, tmp
     records = [json.loads(line) for line in log_file.read_text().splitlines()]  # every line whole again
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert read_log(out)[4]["loss"] == whole.final_loss
+
+
+def poison_projection(monkeypatch, bad_calls):
+    """Make the projection's output NaN on the forward calls numbered in `bad_calls` (1-based): a NaN batch."""
+    import minigpt4.train.loop as loop
+
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if bad_calls(calls["n"]) else output
+
+    real_build = loop.build_model
+
+    def build_and_poison(cfg):
+        model = real_build(cfg)
+        model.proj.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_and_poison)
+
+
+def test_a_nan_batch_skips_its_step_and_is_counted(tiny_llm_dir, tiny_data, tmp_path, monkeypatch):
+    poison_projection(monkeypatch, lambda call: call in (3, 5))
+    out = tmp_path / "out"
+    result = train(tiny_job(tiny_llm_dir, tiny_data, out, "train.iters_per_epoch=6", "train.save_every=3"))
+    assert result.steps == 6 and result.nonfinite_steps == 2
+    assert [math.isfinite(loss) for loss in result.losses] == [True, True, False, True, False, True]
+    logged = read_log(out)
+    assert [logged[s]["loss"] is None for s in range(1, 7)] == [False, False, True, False, True, False]
+    assert logged[6]["nonfinite_steps"] == 2
+    state = ckpt.load_checkpoint(result.checkpoint)
+    assert state["nonfinite_steps"] == 2
+    # AdamW applied to NaN gradients would have made every weight NaN: the two steps were really skipped.
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_nan_steps_in_a_row_stop_the_run_with_the_last_good_weights(tiny_llm_dir, tiny_data, tmp_path, monkeypatch):
+    poison_projection(monkeypatch, lambda call: call >= 3)  # from step 3 on, every batch
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged, match=r"not finite in 4 steps in a row \(steps 3-6, "):
+        train(tiny_job(tiny_llm_dir, tiny_data, out, "train.iters_per_epoch=10", "train.max_nonfinite_steps=4",
+                       "train.keep_last=5"))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [f"checkpoint_0000000{s}.pth" for s in (2, 4, 6)]
+    after_2, after_4, after_6 = (ckpt.load_checkpoint(ckpt.checkpoint_path(out, s))["model"] for s in (2, 4, 6))
+    for key, value in after_2.items():
+        assert torch.isfinite(value).all()
+        assert torch.equal(after_4[key], value) and torch.equal(after_6[key], value), key  # no update after step 2
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(out, 6))["step"] == 6
+
+
+FILL_THE_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as ENOSPC would
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+"""
+
+
+def test_a_failed_checkpoint_write_is_one_error_and_the_previous_checkpoint_survives(tmp_path):
+    """The kernel refuses the write (file size limit: the same OSError path as a full disk)."""
+    previous = ckpt.checkpoint_path(tmp_path, 2)
+    ckpt.save_atomic({"format": ckpt.FORMAT, "step": 2, "w": torch.ones(10)}, previous)
+    script = FILL_THE_DISK + f"""
+import torch
+from minigpt4.train import checkpoint as ckpt
+try:
+    state = {{"format": ckpt.FORMAT, "step": 4, "w": torch.ones(100_000)}}
+    ckpt.save_atomic(state, ckpt.checkpoint_path({str(tmp_path)!r}, 4))
+except ckpt.CheckpointSaveError as err:
+    print("CheckpointSaveError", err.errno, err)
+"""
+    proc = subprocess.run([sys.executable, "-c", script, "20000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"CheckpointSaveError {errno.EFBIG} could not write checkpoint "), proc.stdout
+    assert "File too large" in proc.stdout and "previous checkpoint, which is intact" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [previous.name]  # no temporary file left behind
+    assert ckpt.load_checkpoint(previous)["step"] == 2
+
+
+def test_train_on_a_full_disk_exits_with_one_line_and_resume_still_works(tiny_llm_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = overrides(tiny_llm_dir, out, [{"kind": "webdataset", "path": tiny_data.shards}], "train.epochs=1",
+                     "train.iters_per_epoch=4", "train.save_every=2", "train.tensorboard=false")
+    train(train_config(REPO / "configs" / "tiny_stage1.yaml", args))
+    ckpt.checkpoint_path(out, 4).unlink()
+    size = ckpt.checkpoint_path(out, 2).stat().st_size
+    command = [sys.executable, "-c", FILL_THE_DISK + "from minigpt4.cli import main\nsys.exit(main(sys.argv[2:]))",
+               str(size // 2), *cli_command("tiny_stage1.yaml", [*args, "train.resume=auto"])[3:]]
+    proc = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "File too large" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint_00000002.pth"]
+    resumed = train(train_config(REPO / "configs" / "tiny_stage1.yaml", [*args, "train.resume=auto"]))
+    assert resumed.steps == 4 and ckpt.load_checkpoint(resumed.checkpoint)["step"] == 4

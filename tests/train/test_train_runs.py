@@ -209,16 +209,20 @@ def test_bf16_autocast_on_cpu(tiny_llm_dir, tiny_data, tmp_path):
     assert weights.dtype == torch.float32  # trainable weights stay fp32 under autocast
 
 
-def test_a_non_finite_loss_stops_with_a_checkpoint(tiny_llm_dir, tiny_data, tmp_path):
+def test_non_finite_losses_in_a_row_stop_with_a_checkpoint(tiny_llm_dir, tiny_data, tmp_path):
+    """lr 1e30 blows the weights up: from then on every loss is non-finite, and 3 such steps in a row stop the run."""
     cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", overrides(
         tiny_llm_dir, tmp_path / "out", [{"kind": "webdataset", "path": tiny_data.shards}],
-        "train.lr=1e30", "train.warmup_steps=0", "train.tensorboard=false"))
-    with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf) at step (\d+) .*saved to (\S+)\.") as info:
+        "train.lr=1e30", "train.warmup_steps=0", "train.tensorboard=false", "train.max_nonfinite_steps=3"))
+    with pytest.raises(TrainingDiverged, match=r"not finite in 3 steps in a row \(steps (\d+)-(\d+), ") as info:
         train(cfg)
-    failed_step, saved = re.search(r"at step (\d+) .*saved to (\S+)\.", str(info.value)).groups()
-    assert Path(saved) == ckpt.latest_checkpoint(tmp_path / "out")
+    first, last = map(int, re.search(r"steps (\d+)-(\d+)", str(info.value)).groups())
+    saved = re.search(r"saved to (\S+)\.", str(info.value)).group(1)
+    assert last == first + 2 and first >= 2  # the first step is finite; every step after the blow-up is not
+    assert Path(saved) == ckpt.latest_checkpoint(tmp_path / "out") == ckpt.checkpoint_path(tmp_path / "out", last)
     # Read raw: with lr 1e30 the weights themselves may already be infinite, which load_checkpoint refuses.
     state = torch.load(saved, weights_only=True)
-    assert state["step"] == int(failed_step) - 1  # the state the bad step started from (no update applied)
+    assert state["step"] == last and state["nonfinite_steps"] == 3
     logged = read_log(tmp_path / "out")
-    assert max(logged) == int(failed_step) - 1  # nothing was logged or applied for the bad step
+    assert [step for step in sorted(logged) if logged[step]["loss"] is None] == [first, first + 1, last]
+    assert logged[last]["nonfinite_steps"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from minigpt4.commands.paths import check_output_folder
@@ -18,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minigpt4.config import train_config
+    from minigpt4.data import NoUsableData
     from minigpt4.device import check_device
+    from minigpt4.train.checkpoint import CheckpointSaveError
     from minigpt4.train.loop import TrainingDiverged, train
 
     if os.environ.get("RANK", "0") != "0":
@@ -29,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(Path(cfg.train.output_dir), "train.output_dir")
     try:
         result = train(cfg)
-    except TrainingDiverged as err:
-        print(f"training stopped: {err}")
+    except (TrainingDiverged, CheckpointSaveError, NoUsableData) as err:  # the run started but cannot go on
+        print(f"error: {err}", file=sys.stderr)
         return 1
     main = os.environ.get("RANK", "0") == "0"
     if result.stopped_by_signal:

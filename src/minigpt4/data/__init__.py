@@ -26,6 +26,10 @@ class SkippedSample:
         return f"{where}: {self.reason}"
 
 
+class NoUsableData(RuntimeError):
+    """A whole pass over a reader's share of the data gave no usable sample: training on it would spin forever."""
+
+
 def summarize_skips(skips: list[SkippedSample]) -> str:
     """One line for the end-of-run report: the total and the count per kind of problem."""
     if not skips:
@@ -36,4 +40,4 @@ def summarize_skips(skips: list[SkippedSample]) -> str:
     return f"skipped {len(skips)} samples ({detail})"
 
 
-__all__ = ["SkippedSample", "summarize_skips"]
+__all__ = ["NoUsableData", "SkippedSample", "summarize_skips"]

@@ -55,11 +55,24 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, file size limit, permissions); nothing older was touched."""
+
+
+def _write_failure(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: torch.save reports one raised by the file as a RuntimeError."""
+    for candidate in (err, err.__cause__, err.__context__):
+        if isinstance(candidate, OSError):
+            return candidate
+    return None
+
+
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` through a temporary file and a rename.
 
     A crash mid-write leaves at most a `*.tmp` file; `path` is either the old complete file or the
-    new complete file, never a torn one.
+    new complete file, never a torn one. A write that fails (a full disk: ENOSPC) removes the temporary
+    file and raises CheckpointSaveError in one line; earlier checkpoints are untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +83,16 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        failure = _write_failure(err)
+        if failure is None:
+            raise
+        error = CheckpointSaveError(
+            f"could not write checkpoint {path}: {failure.strerror or failure}; free space in {path.parent} (or "
+            "point train.output_dir at another disk) and resume with train.resume=auto from the previous "
+            "checkpoint, which is intact")
+        error.errno = failure.errno
+        raise error from err
     finally:
         tmp.unlink(missing_ok=True)
     # Make the rename itself durable.

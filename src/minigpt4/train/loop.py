@@ -1,4 +1,4 @@
-"""`train(cfg)`: the MiniGPT-4 training loop, one function to read top to bottom.
+"""`train(cfg)`: the MiniGPT-4 training loop. `_train` reads top to bottom: set up, then per step train, log, checkpoint.
 
 One optimizer step = `grad_accum` micro-batches on every process. Its loss is the mean over every
 target token of the whole global batch, exactly what one process computing the same samples as one
@@ -19,9 +19,9 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from minigpt4.train.distributed import (
     all_gather_objects,
     all_reduce_gradients,
     all_reduce_sum,
-    barrier,
+    broadcast_object,
     init_distributed,
     shutdown,
     wrap_ddp,
@@ -55,7 +55,7 @@ LOG_NAME = "train_log.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; a checkpoint of the last good state was written."""
+    """The loss was NaN or infinite for `train.max_nonfinite_steps` steps in a row; a checkpoint was written."""
 
 
 @dataclass
@@ -67,6 +67,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint written
     log_dir: Path  # holds train_log.jsonl and tensorboard/
     skipped: int  # bad samples skipped over the whole run
+    nonfinite_steps: int  # steps skipped for a NaN/inf loss over the whole run
     losses: list[float]  # the loss of every step this call ran
     stopped_by_signal: bool = False  # SIGTERM arrived: saved and stopped early; resume to continue
 
@@ -224,7 +225,9 @@ def train(cfg: TrainJobConfig) -> TrainResult:
 
     tokens/s counts LLM input positions (BOS + prompt + image positions + target tokens, padding
     excluded) of every process, per second of wall time, over all steps after the first.
-    Raises TrainingDiverged (after writing a checkpoint) when the loss stops being finite.
+    A step whose loss is not finite is skipped and counted; `train.max_nonfinite_steps` of them in a row
+    raise TrainingDiverged after writing a checkpoint. A checkpoint that cannot be written (full disk)
+    raises ckpt.CheckpointSaveError; the previous checkpoints stay as they were.
     """
     check_config(cfg)
     ctx = init_distributed(cfg.train.backend, cfg.model.device)
@@ -235,12 +238,89 @@ def train(cfg: TrainJobConfig) -> TrainResult:
 
 
 def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
+    """The loop, in the order it runs: set up, then per step: train, log, checkpoint."""
+    run = _setup(cfg, ctx)
     t = cfg.train
-    out = Path(t.output_dir)
-    total_steps = t.epochs * t.iters_per_epoch
-    save_every = t.save_every or t.iters_per_epoch
+    stop = StopOnSigterm()
+    with run.progress, logging_redirect_tqdm(), (run.jsonl or contextlib.nullcontext()), stop:
+        for step in range(run.start_step, run.total_steps):
+            outcome = _train_step(run, step, stop_requested=stop.received)
+            _log_step(run, step, outcome)
+            done = step + 1
+            if run.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                path = _save(run, done, "non-finite losses")
+                raise TrainingDiverged(
+                    f"the loss was not finite in {run.nonfinite_in_a_row} steps in a row (steps "
+                    f"{done - run.nonfinite_in_a_row + 1}-{done}, last {outcome.loss}, lr {outcome.lr:.3e}); those "
+                    f"steps were skipped and training stopped, the last good weights saved to {path}. Lower "
+                    "train.lr, use train.precision=bf16 or fp32, or set train.clip_grad_norm, then resume with "
+                    "train.resume=auto."
+                )
+            if done % run.save_every == 0 or done == run.total_steps or outcome.stop:
+                run.last_checkpoint = _save(run, done, "SIGTERM" if outcome.stop else f"step {done}")
+            if outcome.stop:
+                run.stopped = True
+                log.warning("SIGTERM: stopped after step %d of %d and saved %s; continue with train.resume=auto",
+                            done, run.total_steps, run.last_checkpoint)
+                break
+    return _finish(run)
 
-    # ---- model: every process builds identical frozen towers (same files, or same seed when random).
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Sums over a run of steps."""
+
+    loss: float = 0.0  # finite losses only
+    finite_steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: TrainJobConfig
+    ctx: DistContext
+    model: MiniGPT4
+    loss_fn: nn.Module  # CaptionLoss, wrapped for DDP or FSDP
+    fsdp: bool
+    trainable: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    prompts: list[str | None]
+    batches: Iterator[dict]
+    out: Path
+    start_step: int
+    total_steps: int
+    save_every: int
+    resumed_from: Path | None
+    jsonl: IO[str] | None
+    board: object | None  # a tensorboard SummaryWriter
+    progress: tqdm
+    skipped_total: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+    last_checkpoint: Path | None = None
+    stopped: bool = False
+    losses: list[float] = field(default_factory=list)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+    window: Window = field(default_factory=Window)  # since the last log record
+    steady: Window = field(default_factory=Window)  # every step after the first, for throughput
+
+
+def _setup(cfg: TrainJobConfig, ctx: DistContext) -> Run:
+    """Build the model and optimizer, restore a checkpoint if resuming, open the data and the outputs."""
+    t = cfg.train
+    # Model: every process builds identical frozen towers (same files, or same seed when random).
     # With FSDP it is built on the CPU and each process then moves only its shard to its device.
     fsdp = t.strategy == "fsdp" and ctx.enabled
     model = build_job_model(cfg, device="cpu" if fsdp else str(ctx.device))
@@ -251,12 +331,11 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     model.train()
     caption_loss = CaptionLoss(model, t.length_buckets)
     loss_fn = wrap_fsdp(caption_loss, model.llm, ctx) if fsdp else wrap_ddp(caption_loss, ctx)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, t)  # after wrapping: it must hold the tensors training updates
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.precision == "fp16")
-    autocast = torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(t.precision), enabled=t.precision != "fp32")
+    total_steps = t.epochs * t.iters_per_epoch
 
-    start_step, skipped_total = 0, 0
+    start_step, skipped_total, nonfinite_total = 0, 0, 0
     if state is None:
         seed_everything(t.seed + ctx.rank)  # the original's seed + rank
     else:
@@ -264,6 +343,7 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
         if state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         start_step, skipped_total = state["step"], state["skipped"]
+        nonfinite_total = state.get("nonfinite_steps", 0)
         saved = state["config"]
         if saved["data"] != to_dict(cfg.data) or saved["train"]["seed"] != t.seed or \
                 saved["train"]["grad_accum"] != t.grad_accum:
@@ -277,169 +357,225 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
             seed_everything(t.seed + ctx.rank + start_step)
         log.info("resumed from %s at step %d of %d", resume_path, start_step, total_steps)
 
-    prompts = load_prompts_for(cfg)
-    batches = open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model)
+    out = Path(t.output_dir)
+    jsonl, board = _open_outputs(cfg, ctx, out, start_step, total_steps)
+    return Run(
+        cfg=cfg, ctx=ctx, model=model, loss_fn=loss_fn, fsdp=fsdp,
+        trainable=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer, scaler=scaler,
+        autocast=torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(t.precision),
+                                enabled=t.precision != "fp32"),
+        prompts=load_prompts_for(cfg),
+        batches=open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model),
+        out=out, start_step=start_step, total_steps=total_steps, save_every=t.save_every or t.iters_per_epoch,
+        resumed_from=resume_path, jsonl=jsonl, board=board,
+        progress=tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not ctx.is_main,
+                      dynamic_ncols=True),
+        skipped_total=skipped_total, nonfinite_total=nonfinite_total,
+    )
 
-    def save(step: int, reason: str) -> Path:
-        """Collective: every process hands in its RNG state, rank 0 writes."""
-        rngs = all_gather_objects(ckpt.rng_state(ctx.device), ctx)
-        path = ckpt.checkpoint_path(out, step)
-        if ctx.is_main:
+
+def _open_outputs(cfg: TrainJobConfig, ctx: DistContext, out: Path, start_step: int,
+                  total_steps: int) -> tuple[IO[str] | None, object | None]:
+    """Rank 0's train_log.jsonl (opened for appending) and tensorboard writer; (None, None) elsewhere."""
+    if not ctx.is_main:
+        return None, None
+    t = cfg.train
+    out.mkdir(parents=True, exist_ok=True)
+    # A resumed run redoes the steps after its checkpoint: drop what the killed run logged for them.
+    drop_records_after(out / LOG_NAME, start_step)
+    jsonl = (out / LOG_NAME).open("a")
+    board = None
+    if t.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes "
+             "x %d micro-batches",
+             total_steps, t.epochs, t.iters_per_epoch, cfg.data.batch_size * ctx.world_size * t.grad_accum,
+             cfg.data.batch_size, ctx.world_size, t.grad_accum)
+    return jsonl, board
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over the global batch's target tokens; NaN/inf when the step was skipped
+    lr: float
+    samples: int  # all processes together
+    tokens: int
+    seconds: float
+    stop: bool  # some process received SIGTERM: every process stops after this step
+
+
+def _train_step(run: Run, step: int, stop_requested: bool) -> StepOutcome:
+    """Read `grad_accum` micro-batches, run forward/backward, and update the weights unless the loss is not finite."""
+    t, ctx = run.cfg.train, run.ctx
+    step_start = time.perf_counter()
+    lr = lr_at(step, t)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+    # Data: `grad_accum` micro-batches; the bad samples the loader skipped (and logged) are counted.
+    micro = [next(run.batches) for _ in range(t.grad_accum)]
+    run.skip_reasons.update(bad.reason.split(":")[0] for batch in micro for bad in batch["skipped"])
+    layouts = []
+    for index, batch in enumerate(micro):
+        # One prompt per micro-batch, as the original; drawn from (seed, rank, batch index)
+        # so that a resumed run draws the same ones.
+        batch_index = step * t.grad_accum + index
+        prompt = random.Random(f"{t.seed}:{ctx.rank}:{batch_index}").choice(run.prompts)
+        layouts.append(layout_batch(run.model.tokenizer, batch["text"], run.model.num_image_tokens, prompt,
+                                    run.cfg.data.end_sym, run.cfg.data.max_txt_len).to(ctx.device))
+    local = torch.tensor([sum(int(target_count(b)) for b in layouts),
+                          sum(int(b.attention_mask.sum()) for b in layouts),
+                          sum(len(b["text"]) for b in micro),
+                          sum(len(b["skipped"]) for b in micro)], device=ctx.device)
+    targets, tokens, samples, skipped = all_reduce_sum(local, ctx).tolist()
+    run.skipped_total += skipped
+
+    # Forward/backward; gradients are all-reduced only on the last micro-batch.
+    loss_sum = torch.zeros((), device=ctx.device)
+    for index, (batch, layout) in enumerate(zip(micro, layouts)):
+        last = index == len(micro) - 1
+        sync = contextlib.nullcontext() if last or run.fsdp or not ctx.enabled else run.loss_fn.no_sync()
+        are_features = "features" in batch
+        inputs = (batch["features"] if are_features else batch["image"]).to(ctx.device, non_blocking=True)
+        with sync:
+            with run.autocast:
+                part = run.loss_fn(inputs, are_features, layout)
+            # Gradients get averaged over processes; * world_size turns that into a sum.
+            run.scaler.scale(part.float() * ctx.world_size / targets).backward()
+        loss_sum += part.detach().float()
+    if run.fsdp:
+        all_reduce_gradients(run.trainable, ctx)  # FSDP leaves the trainable weights to us
+    # The stop flag rides along, so all processes stop after the same step.
+    stop_flag = torch.tensor(float(stop_requested), device=ctx.device)
+    loss_total, stop_votes = all_reduce_sum(torch.stack([loss_sum, stop_flag]), ctx).tolist()
+    loss = loss_total / targets
+
+    # Update, or skip a step whose loss is not finite (every process sees the same global loss).
+    if math.isfinite(loss):
+        run.nonfinite_in_a_row = 0
+        if t.clip_grad_norm > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.trainable, t.clip_grad_norm)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.nonfinite_in_a_row += 1
+        run.nonfinite_total += 1
+        if run.scaler.is_enabled():  # what GradScaler does on an overflow: lower the scale, apply nothing
+            run.scaler.update(run.scaler.get_scale() * run.scaler.get_backoff_factor())
+        log.warning("step %d: the loss is %s; step skipped (%d in a row, %d so far; train.max_nonfinite_steps=%d)",
+                    step + 1, loss, run.nonfinite_in_a_row, run.nonfinite_total, t.max_nonfinite_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss=loss, lr=lr, samples=int(samples), tokens=int(tokens),
+                       seconds=time.perf_counter() - step_start, stop=bool(stop_votes))
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+def _log_step(run: Run, step: int, outcome: StepOutcome) -> None:
+    """Progress bar every step; a train_log.jsonl record, a console line and tensorboard every `log_every` steps."""
+    t, ctx = run.cfg.train, run.ctx
+    done = step + 1
+    finite = math.isfinite(outcome.loss)
+    run.losses.append(outcome.loss)
+    windows = (run.window, run.steady) if step > run.start_step else (run.window,)  # step 1 pays for lazy init
+    for window in windows:
+        window.loss += outcome.loss if finite else 0.0
+        window.finite_steps += finite
+        window.samples += outcome.samples
+        window.tokens += outcome.tokens
+        window.seconds += outcome.seconds
+    run.progress.update(1)
+    run.progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}")
+    if not ctx.is_main or (done % t.log_every != 0 and done != run.total_steps):
+        return
+    window = run.window
+    elapsed = time.perf_counter() - window.start
+    record = {
+        "step": done, "epoch": step // t.iters_per_epoch, "loss": outcome.loss if finite else None,
+        "loss_avg": window.loss / window.finite_steps if window.finite_steps else None, "lr": outcome.lr,
+        "samples_per_s": window.samples / elapsed, "tokens_per_s": window.tokens / elapsed,
+        "tokens_per_s_per_device": window.tokens / elapsed / ctx.world_size,
+        "skipped": run.skipped_total, "nonfinite_steps": run.nonfinite_total, "time": time.time(),
+    }
+    log.info("step %d/%d  epoch %d  loss %.4f (avg %s)  lr %.3e  %.1f samples/s  %.0f tokens/s "
+             "(%.0f per device; LLM input positions incl. image, excl. padding)",
+             done, run.total_steps, record["epoch"], outcome.loss,
+             "-" if record["loss_avg"] is None else f"{record['loss_avg']:.4f}", outcome.lr,
+             record["samples_per_s"], record["tokens_per_s"], record["tokens_per_s_per_device"])
+    run.jsonl.write(json.dumps(record) + "\n")
+    run.jsonl.flush()
+    if run.board is not None:
+        for key in ("loss", "loss_avg", "lr", "samples_per_s", "tokens_per_s"):
+            if record[key] is not None:
+                run.board.add_scalar(f"train/{key}", record[key], done)
+        run.board.flush()
+    run.window = Window()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the end
+# --------------------------------------------------------------------------------------------
+
+
+def _save(run: Run, step: int, reason: str) -> Path:
+    """Collective: every process hands in its RNG state, rank 0 writes; a failed write raises on every process."""
+    ctx, t = run.ctx, run.cfg.train
+    rngs = all_gather_objects(ckpt.rng_state(ctx.device), ctx)
+    path = ckpt.checkpoint_path(run.out, step)
+    failure = None
+    if ctx.is_main:
+        try:
             ckpt.save_atomic({
-                "format": ckpt.FORMAT, "model": ckpt.trainable_state_dict(model),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "format": ckpt.FORMAT, "model": ckpt.trainable_state_dict(run.model),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
                 "step": step, "epoch": step // t.iters_per_epoch, "data": {"batches": step * t.grad_accum},
-                "rng": rngs, "skipped": skipped_total, "config": to_dict(cfg),
+                "rng": rngs, "skipped": run.skipped_total, "nonfinite_steps": run.nonfinite_total,
+                "config": to_dict(run.cfg),
             }, path)
-            for old in ckpt.prune_checkpoints(out, t.keep_last):
+        except ckpt.CheckpointSaveError as err:
+            failure = str(err)
+        else:
+            for old in ckpt.prune_checkpoints(run.out, t.keep_last):
                 log.debug("removed old checkpoint %s", old)
             log.info("saved checkpoint %s (%s)", path, reason)
-        barrier(ctx)
-        return path
+    failure = broadcast_object(failure, ctx)  # also keeps the other processes from running ahead
+    if failure is not None:
+        raise ckpt.CheckpointSaveError(failure)
+    return path
 
-    # ---- rank-0 outputs
-    jsonl, board = None, None
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # A resumed run redoes the steps after its checkpoint: drop what the killed run logged for them.
-        drop_records_after(out / LOG_NAME, start_step)
-        jsonl = (out / LOG_NAME).open("a")
-        if t.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            board = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        log.info("training %d steps (%d epochs x %d), global batch %d = %d per process x %d processes "
-                 "x %d micro-batches",
-                 total_steps, t.epochs, t.iters_per_epoch, cfg.data.batch_size * ctx.world_size * t.grad_accum,
-                 cfg.data.batch_size, ctx.world_size, t.grad_accum)
-
-    losses: list[float] = []
-    skip_reasons: Counter[str] = Counter()
-    window = {"loss": 0.0, "steps": 0, "samples": 0, "tokens": 0, "start": time.perf_counter()}
-    steady = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    last_checkpoint: Path | None = None
-    progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not ctx.is_main,
-                    dynamic_ncols=True)
-    stop, stopped = StopOnSigterm(), False
-    with progress, logging_redirect_tqdm(), (jsonl or contextlib.nullcontext()), stop:
-        for step in range(start_step, total_steps):
-            step_start = time.perf_counter()
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # ---- data: `grad_accum` micro-batches; the bad samples the loader skipped (and logged) are counted
-            micro = [next(batches) for _ in range(t.grad_accum)]
-            skip_reasons.update(bad.reason.split(":")[0] for batch in micro for bad in batch["skipped"])
-            layouts = []
-            for index, batch in enumerate(micro):
-                # One prompt per micro-batch, as the original; drawn from (seed, rank, batch index)
-                # so that a resumed run draws the same ones.
-                batch_index = step * t.grad_accum + index
-                prompt = random.Random(f"{t.seed}:{ctx.rank}:{batch_index}").choice(prompts)
-                layouts.append(layout_batch(model.tokenizer, batch["text"], model.num_image_tokens, prompt,
-                                            cfg.data.end_sym, cfg.data.max_txt_len).to(ctx.device))
-            local = torch.tensor([sum(int(target_count(b)) for b in layouts),
-                                  sum(int(b.attention_mask.sum()) for b in layouts),
-                                  sum(len(b["text"]) for b in micro),
-                                  sum(len(b["skipped"]) for b in micro)], device=ctx.device)
-            targets, tokens, samples, skipped = all_reduce_sum(local, ctx).tolist()
-            skipped_total += skipped
-
-            # ---- forward/backward; gradients are all-reduced only on the last micro-batch
-            loss_sum = torch.zeros((), device=ctx.device)
-            for index, (batch, layout) in enumerate(zip(micro, layouts)):
-                last = index == len(micro) - 1
-                sync = contextlib.nullcontext() if last or fsdp or not ctx.enabled else loss_fn.no_sync()
-                are_features = "features" in batch
-                inputs = (batch["features"] if are_features else batch["image"]).to(ctx.device, non_blocking=True)
-                with sync:
-                    with autocast:
-                        part = loss_fn(inputs, are_features, layout)
-                    # Gradients get averaged over processes; * world_size turns that into a sum.
-                    scaler.scale(part.float() * ctx.world_size / targets).backward()
-                loss_sum += part.detach().float()
-            if fsdp:
-                all_reduce_gradients(trainable, ctx)  # FSDP leaves the trainable weights to us
-            # The stop flag rides along, so all processes stop after the same step.
-            stop_flag = torch.tensor(float(stop.received), device=ctx.device)
-            loss_total, stop_votes = all_reduce_sum(torch.stack([loss_sum, stop_flag]), ctx).tolist()
-            loss = loss_total / targets
-
-            # ---- never train on garbage: stop with the last good state saved
-            if not math.isfinite(loss):
-                path = save(step, "non-finite loss")
-                raise TrainingDiverged(
-                    f"the loss is {loss} at step {step + 1} (lr {lr:.3e}); training stopped and the state before "
-                    f"this step was saved to {path}. Lower train.lr, use train.precision=bf16 or fp32, or set "
-                    "train.clip_grad_norm, then resume with train.resume=auto."
-                )
-            if t.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, t.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-            # ---- bookkeeping, logging, checkpoints
-            done = step + 1
-            losses.append(loss)
-            seconds = time.perf_counter() - step_start
-            if step > start_step:  # the first step pays for lazy initialisation; leave it out of throughput
-                steady["samples"] += samples
-                steady["tokens"] += tokens
-                steady["seconds"] += seconds
-            window["loss"] += loss
-            window["steps"] += 1
-            window["samples"] += samples
-            window["tokens"] += tokens
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if ctx.is_main and (done % t.log_every == 0 or done == total_steps):
-                elapsed = time.perf_counter() - window["start"]
-                record = {
-                    "step": done, "epoch": step // t.iters_per_epoch, "loss": loss,
-                    "loss_avg": window["loss"] / window["steps"], "lr": lr,
-                    "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
-                    "tokens_per_s_per_device": window["tokens"] / elapsed / ctx.world_size,
-                    "skipped": skipped_total, "time": time.time(),
-                }
-                log.info("step %d/%d  epoch %d  loss %.4f (avg %.4f)  lr %.3e  %.1f samples/s  %.0f tokens/s "
-                         "(%.0f per device; LLM input positions incl. image, excl. padding)",
-                         done, total_steps, record["epoch"], loss, record["loss_avg"], lr,
-                         record["samples_per_s"], record["tokens_per_s"], record["tokens_per_s_per_device"])
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-                if board is not None:
-                    for key in ("loss", "loss_avg", "lr", "samples_per_s", "tokens_per_s"):
-                        board.add_scalar(f"train/{key}", record[key], done)
-                    board.flush()
-                window.update(loss=0.0, steps=0, samples=0, tokens=0, start=time.perf_counter())
-            if done % save_every == 0 or done == total_steps or stop_votes:
-                last_checkpoint = save(done, "SIGTERM" if stop_votes else f"step {done}")
-            if stop_votes:
-                stopped = True
-                log.warning("SIGTERM: stopped after step %d of %d and saved %s; continue with train.resume=auto",
-                            done, total_steps, last_checkpoint)
-                break
-
-    if board is not None:
-        board.close()
-    rate = steady["seconds"] or float("nan")
+def _finish(run: Run) -> TrainResult:
+    if run.board is not None:
+        run.board.close()
+    rate = run.steady.seconds or float("nan")
     result = TrainResult(
-        final_loss=losses[-1] if losses else float("nan"),
-        steps=start_step + len(losses),
-        tokens_per_second=steady["tokens"] / rate,
-        samples_per_second=steady["samples"] / rate,
-        checkpoint=last_checkpoint or (resume_path if state is not None else None),
-        log_dir=out,
-        skipped=skipped_total,
-        losses=losses,
-        stopped_by_signal=stopped,
+        final_loss=run.losses[-1] if run.losses else float("nan"),
+        steps=run.start_step + len(run.losses),
+        tokens_per_second=run.steady.tokens / rate,
+        samples_per_second=run.steady.samples / rate,
+        checkpoint=run.last_checkpoint or run.resumed_from,
+        log_dir=run.out,
+        skipped=run.skipped_total,
+        nonfinite_steps=run.nonfinite_total,
+        losses=run.losses,
+        stopped_by_signal=run.stopped,
     )
-    if ctx.is_main:
-        reasons = ", ".join(f"{n} {r}" for r, n in skip_reasons.most_common()) or "none in this session"
-        log.info("done: %d steps, final loss %.4f, %.0f tokens/s, %.1f samples/s; skipped %d bad samples (%s)",
+    if run.ctx.is_main:
+        reasons = ", ".join(f"{n} {r}" for r, n in run.skip_reasons.most_common()) or "none in this session"
+        log.info("done: %d steps, final loss %.4f, %.0f tokens/s, %.1f samples/s; skipped %d bad samples (%s); "
+                 "%d steps skipped for a non-finite loss",
                  result.steps, result.final_loss, result.tokens_per_second, result.samples_per_second,
-                 result.skipped, reasons)
+                 result.skipped, reasons, result.nonfinite_steps)
     return result
