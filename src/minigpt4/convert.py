@@ -10,6 +10,7 @@ a NaN or infinity in a file is an error that names the file and the tensor.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -21,6 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from minigpt4.chat.defaults import ChatDefaults
 from minigpt4.model.vision import interpolate_pos_embed
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     check_finite(obj, str(path))
     return obj
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; unreadable, truncated or other JSON is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 text ({err}): the file is corrupt") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
 
 
 def check_finite(tree: Any, source: str, prefix: str = "") -> None:
@@ -323,8 +339,13 @@ def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.
 
 
 def load_projection(model: nn.Module, path: str | Path) -> None:
-    """Load `llama_proj.*` from a MiniGPT-4 checkpoint (release file or training checkpoint)."""
-    mapped = projection_state_dict(read_checkpoint(path), str(path))
+    """Load `llama_proj.*` from a MiniGPT-4 checkpoint (release file or training checkpoint).
+
+    A training checkpoint also records how to talk to the model it trained; that becomes the
+    model's `chat_defaults`.
+    """
+    ckpt = read_checkpoint(path)
+    mapped = projection_state_dict(ckpt, str(path))
     file_width = mapped["proj.weight"].shape[0]
     llm_width = model.proj.weight.shape[0]
     if file_width != llm_width:
@@ -335,3 +356,5 @@ def load_projection(model: nn.Module, path: str | Path) -> None:
             "this LLM: prerained_minigpt4_7b.pth goes with Vicuna-7B, pretrained_minigpt4.pth with Vicuna-13B."
         )
     assign_strict(model, mapped, source=str(path), expected={"proj.weight", "proj.bias"})
+    if "chat" in ckpt:
+        model.chat_defaults = ChatDefaults.from_record(ckpt["chat"], str(path))

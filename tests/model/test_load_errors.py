@@ -116,7 +116,8 @@ WEIGHT_CORRUPTIONS = {
                     r"wrong dtypes: proj\.bias \(file torch\.int32, model torch\.float32\)"),
     "NaN value": (lambda p: _edit_weights(p, _nan("qformer.query_tokens")),
                   r"tensor qformer\.query_tokens \(1, 8, 32\) holds NaN values"),
-    "infinite value": (lambda p: _edit_weights(p, _inf("proj.weight")), r"tensor proj\.weight \(64, 32\) holds infinite"),
+    "infinite value": (lambda p: _edit_weights(p, _inf("proj.weight")),
+                       r"tensor proj\.weight \(64, 32\) holds infinite"),
     "missing file": (lambda p: p.unlink(), r"has config\.json but no model\.safetensors"),
 }
 
@@ -260,6 +261,44 @@ def test_loading_report_is_checked_even_when_transformers_only_logs(tiny_llm_dir
     clean = {"missing_keys": set(), "unexpected_keys": {"model.layers.3.self_attn.rotary_emb.inv_freq"},
              "mismatched_keys": set(), "error_msgs": []}
     check_loading_report(llm, clean, "llm")
-    with pytest.raises(CheckpointError, match=r"shape mismatches: model\.norm\.weight \(file \(7,\), model \(64,\)\); boom"):
+    with pytest.raises(CheckpointError,
+                       match=r"shape mismatches: model\.norm\.weight \(file \(7,\), model \(64,\)\); boom"):
         check_loading_report(llm, {**clean, "mismatched_keys": {("model.norm.weight", (7,), (64,))},
                                    "error_msgs": ["boom"]}, "llm")
+
+
+# ---------------------------------------------------------------------------------- recorded chat defaults
+
+
+CHAT_CORRUPTIONS = {
+    "truncated generation_config.json": ("generation_config.json", lambda p: p.write_text('{"do_sample": tr'),
+                                         r"generation_config\.json is not valid JSON"),
+    "generation_config.json list": ("generation_config.json", lambda p: p.write_text("[]"),
+                                    r"generation_config\.json holds a JSON list"),
+    "unknown decoding key": ("generation_config.json", lambda p: _edit_json(p, lambda g: _set(g, "typical_p", 0.5)),
+                             r"generation_config\.json: unknown decoding setting\(s\) typical_p"),
+    "wrong decoding type": ("generation_config.json", lambda p: _edit_json(p, lambda g: _set(g, "do_sample", "yes")),
+                            r"generation_config\.json: do_sample: expected true/false, got 'yes'"),
+    "decoding out of range": ("generation_config.json", lambda p: _edit_json(p, lambda g: _set(g, "top_p", 1.5)),
+                              r"generation_config\.json: GenerationSettings\.top_p=1\.5 must be in \(0, 1\]"),
+    "unknown template": ("config.json", lambda p: _edit_json(p, lambda m: _set(m["chat"], "template", "alpaca")),
+                         r"config\.json: chat: template 'alpaca' is not one of"),
+    "chat entry of the wrong shape": ("config.json", lambda p: _edit_json(p, lambda m: _set(m, "chat", "vicuna")),
+                                      r"config\.json: 'chat' must be an object with template and system"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHAT_CORRUPTIONS))
+def test_damaged_chat_defaults_are_a_checkpoint_error(folder, case):
+    name, corrupt, message = CHAT_CORRUPTIONS[case]
+    corrupt(folder / name)
+    with pytest.raises(CheckpointError, match=message):
+        MiniGPT4.from_pretrained(folder)
+
+
+def test_a_folder_saved_before_chat_defaults_gets_the_release_ones_and_says_so(folder):
+    _edit_json(folder / "config.json", lambda m: m.pop("chat"))
+    (folder / "generation_config.json").unlink()
+    talk = MiniGPT4.from_pretrained(folder).chat_defaults
+    assert talk.template == "vicuna_v0" and talk.generation.do_sample and not talk.generation_recorded
+    assert "records none" in talk.template_source and "has no generation_config.json" in talk.generation_source

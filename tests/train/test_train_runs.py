@@ -53,6 +53,9 @@ def test_stage1_then_stage2_from_its_checkpoint(tiny_llm_dir, tiny_data, tmp_pat
             f"model.weights.projection={stage1_ckpt}")))
     assert any("tokens/s" in r.getMessage() for r in caplog.records)
     assert result2.tokens_per_second > 0 and result2.checkpoint == out2 / "checkpoint_00000020.pth"
+    # Each checkpoint records how to talk to what it trained: its stage's layout as the conversation template.
+    assert ckpt.load_checkpoint(stage1_ckpt)["chat"]["template"] == "caption"
+    assert ckpt.load_checkpoint(result2.checkpoint)["chat"]["template"] == "vicuna_v0_train"
     log2 = read_log(out2)
     losses2 = [log2[s]["loss"] for s in sorted(log2)]
     assert mean(losses2[-5:]) < mean(losses2[:3]), losses2

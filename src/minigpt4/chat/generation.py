@@ -42,7 +42,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 @dataclass
 class GenerationSettings:
-    """How to decode. Defaults are the original demo's (sampling, top-p 0.9, 300 new tokens).
+    """How to decode. Defaults are the original demo's: sampling at temperature 1.0, top-p 0.9, 300 new
+    tokens, and top-k 50, which transformers applied there without being asked.
 
     A temperature below `GREEDY_BELOW_TEMPERATURE` decodes greedily (the limit of sampling as the
     temperature goes to 0), so no positive temperature can fail mid-answer.
@@ -52,7 +53,7 @@ class GenerationSettings:
     do_sample: bool = True  # False = greedy (or plain beam search with num_beams > 1)
     temperature: float = 1.0
     top_p: float = 0.9
-    top_k: int = 0  # 0 = off
+    top_k: int = 50  # 0 = off
     num_beams: int = 1
     repetition_penalty: float = 1.0  # sees the generated ids only (the prompt is given as embeddings)
     stop: list[str] = field(default_factory=list)  # on top of the template's own stop strings

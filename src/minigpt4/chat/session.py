@@ -34,24 +34,29 @@ class Chat:
     Args:
         model: a `MiniGPT4`.
         image_processor: PIL image -> (3, H, W) tensor, e.g. `eval_transform(model.config.vision.image_size)`.
-        template: a template name ("vicuna_v0", "llama2", "chat_template") or a `ConversationTemplate`.
+        template: a template name (see `TEMPLATE_NAMES`) or a `ConversationTemplate`; None: the one the
+            model records (`model.chat_defaults`), with its system text unless `system` is given.
         system: the system text; None uses the template's default, "" means none.
-        settings: default decoding settings; keyword arguments of `answer`/`stream` override them.
+        settings: default decoding settings (None: the model's); keyword arguments of `answer`/`stream`
+            override them.
     """
 
     def __init__(
         self,
         model,
         image_processor: Callable[[Image.Image], torch.Tensor],
-        template: str | ConversationTemplate = "vicuna_v0",
+        template: str | ConversationTemplate | None = None,
         system: str | None = None,
         settings: GenerationSettings | None = None,
     ):
         self.model = model
         self.image_processor = image_processor
+        if template is None:
+            template = model.chat_defaults.template
+            system = model.chat_defaults.system if system is None else system
         self.template = get_template(template, model.tokenizer) if isinstance(template, str) else template
         self.system = system
-        self.settings = settings or GenerationSettings()
+        self.settings = settings or model.chat_defaults.generation
         self.messages: list[Message] = []
         self._image_embeds: list[torch.Tensor] = []  # one (Q, H) tensor per image, in conversation order
         self.last_completion: Completion | None = None

@@ -1,12 +1,13 @@
 """Conversation templates: how a list of messages becomes the prompt text the LLM sees.
 
 A rendered prompt marks each image with `<ImageHere>` (inside the template's own image tags), so
-`minigpt4.processing.prompt.layout_sample` lays it out exactly as training does. Three styles:
+`minigpt4.processing.prompt.layout_sample` lays it out exactly as training does. The styles:
 
 - `vicuna_v0`: the released MiniGPT-4 chat format,
   `<system>###Human: <Img><ImageHere></Img> question###Assistant:` (no space around "###"; a
   finished turn continues ` answer###Human: ...`).
 - `vicuna_v0_train`: the stage-2 training prompt `###Human: <Img><ImageHere></Img> question ###Assistant: `.
+- `caption`: the stage-1 layout, the image alone then the caption (the question text is not used).
 - `llama2`: Llama-2 chat, `[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nquestion [/INST] answer </s><s>[INST] ...`.
 - `chat_template`: the tokenizer's own Jinja chat template (ChatML for SmolLM2, Qwen, ...).
 
@@ -143,6 +144,26 @@ class VicunaV0TrainTemplate(VicunaV0Template):
         return "".join(parts)
 
 
+class CaptionTemplate(ConversationTemplate):
+    """The stage-1 layout, `<ImageHere>` then the caption: for models trained on captions only.
+
+    Such a model takes no instructions, so a user message contributes its images and not its text;
+    a finished answer ends with the stage-1 end symbol "\n", which also ends generation.
+    """
+
+    name = "caption"
+    default_system = ""
+
+    def __init__(self) -> None:
+        self.stop = ["\n"]
+
+    def _render(self, messages: Sequence[Message], system: str) -> str:
+        parts = [system]
+        for message in messages:
+            parts.append(IMAGE_PLACEHOLDER * message.images if message.role == "user" else message.text + "\n")
+        return "".join(parts)
+
+
 class Llama2Template(ConversationTemplate):
     """Llama-2 chat: the system block sits inside the first `[INST]`; each answer ends with `</s>`."""
 
@@ -197,7 +218,7 @@ class TokenizerChatTemplate(ConversationTemplate):
         return text
 
 
-TEMPLATE_NAMES = ("vicuna_v0", "vicuna_v0_train", "llama2", "chat_template")
+TEMPLATE_NAMES = ("vicuna_v0", "vicuna_v0_train", "caption", "llama2", "chat_template")
 
 
 def get_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ConversationTemplate:
@@ -206,6 +227,8 @@ def get_template(name: str, tokenizer: PreTrainedTokenizerBase) -> ConversationT
         return VicunaV0Template()
     if name == "vicuna_v0_train":
         return VicunaV0TrainTemplate()
+    if name == "caption":
+        return CaptionTemplate()
     if name == "llama2":
         return Llama2Template(tokenizer)
     if name == "chat_template":

@@ -157,15 +157,17 @@ def run(args: argparse.Namespace) -> int:
                                "give image files, folders or .tar shards")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    settings = generation_settings(args)
+    generation_settings(args)  # bad decoding flags fail before the model loads
     check_output_file(args.output, "--output", "captions.jsonl")
     skipped: list[str] = []
     specs = expand_lists(inputs, skipped)
     done = done_items(args.output)
     pending = (item for item in iter_items(specs, skipped) if (item.source, item.key) not in done)
-    model = load_model(args, overrides)
-    template = get_template(args.template, model.tokenizer)
-    prompt = template.render([Message("user", args.prompt, images=1)], args.system)
+    model = load_model(args, overrides)  # its chat_defaults: what the model records, with the flags applied
+    talk = model.chat_defaults
+    settings = generation_settings(args, talk.generation)
+    template = get_template(talk.template, model.tokenizer)
+    prompt = template.render([Message("user", args.prompt, images=1)], talk.system)
     transform = eval_transform(model.config.vision.image_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     written = 0

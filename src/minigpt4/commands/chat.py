@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides, words = split_overrides(args.words)
     question = " ".join(words).strip()
-    settings = generation_settings(args)
+    generation_settings(args)  # bad decoding flags fail before the model loads
     for path in args.image:  # before the model loads; from stat alone: a FIFO or /dev/zero is never opened
         try:
             check_image_file(path)
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--image {path}: no such file") from None
         except ImageError as err:
             raise CommandError(str(err)) from None
-    model = load_model(args, overrides)
-    chat = Chat(model, eval_transform(model.config.vision.image_size), template=args.template, system=args.system,
-                settings=settings)
+    model = load_model(args, overrides)  # its chat_defaults: what the model records, with the flags applied
+    chat = Chat(model, eval_transform(model.config.vision.image_size),
+                settings=generation_settings(args, model.chat_defaults.generation))
     for path in args.image:
         chat.upload(path)  # an ImageError is an input error: one line, status 2
     if not question:

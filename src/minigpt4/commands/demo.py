@@ -29,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
     overrides, rest = split_overrides(args.overrides)
     if rest:
         raise CommandError(f"expected section.key=value overrides, got {' '.join(rest)}")
-    settings = generation_settings(args)
+    generation_settings(args)  # bad decoding flags fail before the model loads
     model = load_model(args, overrides)  # once, before the page is served (and before gradio's slow import)
     from minigpt4.serve.gradio_app import build_demo, launch
 
-    demo = build_demo(model, settings, template=args.template, system=args.system)
+    demo = build_demo(model, generation_settings(args, model.chat_defaults.generation))  # template: the model's
     print(f"demo on http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""), flush=True)
     launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

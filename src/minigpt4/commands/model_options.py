@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from minigpt4.chat.defaults import DECODING_FIELDS, ChatDefaults
 from minigpt4.chat.generation import GenerationSettings
 from minigpt4.chat.templates import TEMPLATE_NAMES
 from minigpt4.commands import CommandError
@@ -32,48 +33,68 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
-    """Decoding flags; `greedy_default` makes greedy the default (with `--sample` to turn sampling on)."""
+    """Decoding and conversation flags. Each one left out takes the model's recorded default
+    (`model.chat_defaults`); `greedy_default` makes greedy the default for models that record no decoding."""
     defaults = GenerationSettings()
-    group = parser.add_argument_group("generation")
-    if greedy_default:
-        group.add_argument("--sample", dest="greedy", action="store_false", help="sample instead of greedy decoding")
-    else:
-        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    group.set_defaults(greedy=greedy_default)
-    group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    group.add_argument("--temperature", type=float, default=defaults.temperature)
-    group.add_argument("--top-p", type=float, default=defaults.top_p)
-    group.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
-    group.add_argument("--num-beams", type=int, default=defaults.num_beams)
-    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    group = parser.add_argument_group("generation (default: what the model records, see `model ready` line)")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", dest="do_sample", action="store_const", const=False, help="greedy decoding")
+    mode.add_argument("--sample", dest="do_sample", action="store_const", const=True, help="sample")
+    group.set_defaults(do_sample=None, greedy_unless_recorded=greedy_default)
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int, help="0 = off")
+    group.add_argument("--num-beams", type=int)
+    group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--max-context", type=int, default=defaults.max_context, help="prompt + answer tokens")
     group.add_argument("--stop", action="append", default=[], help="an extra stop string (repeatable)")
     group.add_argument("--seed", type=int, default=None, help="seed sampling for reproducible answers")
-    group.add_argument("--template", default="vicuna_v0", choices=TEMPLATE_NAMES, help="conversation format")
-    group.add_argument("--system", default=None, help="system text ('' for none; default: the template's)")
+    group.add_argument("--template", default=None, choices=TEMPLATE_NAMES, help="conversation format")
+    group.add_argument("--system", default=None, help="system text ('' for none; default: the model's or template's)")
 
 
-def generation_settings(args: argparse.Namespace) -> GenerationSettings:
-    """The decoding flags as GenerationSettings; invalid values are a usage error."""
+def _decoding_flags(args: argparse.Namespace) -> dict:
+    """The decoding flags given on the command line (the ones left out are None or absent)."""
+    return {name: getattr(args, name) for name in DECODING_FIELDS if getattr(args, name, None) is not None}
+
+
+def generation_settings(args: argparse.Namespace, base: GenerationSettings | None = None) -> GenerationSettings:
+    """`base` (default: the release's) with the decoding flags applied; invalid values are a usage error."""
     try:
-        return _generation_settings(args)
+        return (base or GenerationSettings()).replace(
+            **_decoding_flags(args), stop=list(args.stop), seed=args.seed, max_context=args.max_context
+        )
     except ValueError as err:
         raise CommandError(str(err)) from err
 
 
-def _generation_settings(args: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        stop=list(args.stop),
-        seed=args.seed,
-        max_context=args.max_context,
-    )
+def _flag_name(field: str, value: object) -> str:
+    if field == "do_sample":
+        return "--sample" if value else "--greedy"
+    return "--" + field.replace("_", "-")
+
+
+def apply_chat_flags(args: argparse.Namespace, defaults: ChatDefaults) -> ChatDefaults:
+    """A model's chat defaults with the template, system and decoding flags applied; the sources name the flags."""
+    template = getattr(args, "template", None) or None
+    system = getattr(args, "system", None)
+    if template is not None:
+        defaults = defaults.replace(template=template, system=system, template_source="--template")
+    elif system is not None:
+        defaults = defaults.replace(system=system, template_source=f"{defaults.template_source}, --system")
+    flags = _decoding_flags(args)
+    generation, source = defaults.generation, defaults.generation_source
+    if flags:
+        try:
+            generation = generation.replace(**flags)
+        except ValueError as err:
+            raise CommandError(str(err)) from err
+        source += "; " + ", ".join(_flag_name(name, value) for name, value in flags.items())
+    if "do_sample" not in flags and not defaults.generation_recorded and getattr(args, "greedy_unless_recorded", False):
+        generation = generation.replace(do_sample=False)
+        source += "; greedy: this command's default when the model records no decoding"
+    return defaults.replace(generation=generation, generation_source=source)
 
 
 def split_overrides(items: list[str], keep: Callable[[str], bool] = lambda item: False) -> tuple[list[str], list[str]]:
@@ -140,8 +161,9 @@ def load_model(args: argparse.Namespace, overrides: list[str]):
     print(f"loading model from {source} ...", file=sys.stderr, flush=True)
     torch.manual_seed(0)  # towers without weight files come out the same every run
     model = build_model(cfg)
-    print(f"model ready in {time.perf_counter() - start:.1f} s (LLM {model.config.llm.path}, device {model.device})",
-          file=sys.stderr, flush=True)
+    model.chat_defaults = apply_chat_flags(args, model.chat_defaults)
+    print(f"model ready in {time.perf_counter() - start:.1f} s (LLM {model.config.llm.path}, device {model.device}); "
+          f"{model.chat_defaults.describe()}", file=sys.stderr, flush=True)
     random = random_parts(cfg, model.config.llm.path)
     if random:
         print(f"*** random weights: {', '.join(random)} (no weight files for them), so the output is noise. "

@@ -111,12 +111,19 @@ def job_config(preset_dir: Path | None, datasets: list[dict], out: Path, plan: P
 
 
 def export(cfg, checkpoint: Path, folder: Path) -> Path:
-    """Turn a training checkpoint into a `save_pretrained` folder (what chat/demo `--checkpoint` load)."""
+    """Turn a training checkpoint into a `save_pretrained` folder (what chat/demo `--checkpoint` load).
+
+    The folder records the template the checkpoint's stage trained with and greedy decoding, as the
+    quickstart itself describes and chats.
+    """
+    from minigpt4.chat.generation import GenerationSettings
     from minigpt4.model.build import build_model
-    from minigpt4.train.checkpoint import load_checkpoint, load_trainable_state_dict
+    from minigpt4.train.checkpoint import chat_defaults, load_checkpoint, load_trainable_state_dict
 
     model = build_model(cfg.model)
-    load_trainable_state_dict(model, load_checkpoint(checkpoint)["model"], str(checkpoint))
+    state = load_checkpoint(checkpoint)
+    load_trainable_state_dict(model, state["model"], str(checkpoint))
+    model.chat_defaults = chat_defaults(state, checkpoint).replace(generation=GenerationSettings(do_sample=False))
     model.save_pretrained(folder)
     return folder
 
@@ -242,14 +249,14 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # batch-1 generation is faster on one thread on small CPUs
     record = json.loads(data.test.read_text())[0]
     image_path = data.test.parent / record["image"]
-    # The stage-2 training layout, so the chat prompt is exactly what the model was fine-tuned on.
-    chat = Chat(model, eval_transform(model.config.vision.image_size), template="vicuna_v0_train")
+    # The template and greedy decoding the model folder records: the stage-2 training layout.
+    chat = Chat(model, eval_transform(model.config.vision.image_size))
     chat.upload(image_path)
     questions = ["Describe this image.", "What colour is the shape?"]
     answers = []
     for question in questions:
         chat.ask(question)
-        answers.append(chat.answer(do_sample=False, max_new_tokens=40))
+        answers.append(chat.answer(max_new_tokens=40))
     t = lap("chat", t)
     total = time.perf_counter() - start
 

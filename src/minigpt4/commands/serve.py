@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.serve.engine import ModelEngine
 
     config = serve_config(args)
-    engine = ModelEngine(load_model(args, args.overrides), template=config.template)
+    # load_model applies --template to the model's recorded chat defaults, which the engine then uses.
+    engine = ModelEngine(load_model(args, args.overrides), system=config.system_prompt or None)
     print(f"serving {config.model_name!r} on http://{config.host}:{config.port}/v1 "
           f"(API key {'required' if config.api_key else 'not required'})", flush=True)
     serve(engine, config)

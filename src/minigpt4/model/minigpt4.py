@@ -13,7 +13,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minigpt4.config import ConfigError, ModelConfig, from_dict, to_dict
-from minigpt4.convert import CheckpointError, read_checkpoint
+from minigpt4.chat.defaults import ChatDefaults
+from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
 from minigpt4.model.llm import DTYPES, load_llm
 from minigpt4.model.qformer import QFormer
 from minigpt4.model.vision import build_vision_tower
@@ -28,22 +29,15 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-CONFIG_KEYS = {"format_version", "model"}
+CONFIG_KEYS = {"format_version", "model", "chat"}
 
 
-def read_folder_config(directory: Path) -> ModelConfig:
-    """The ModelConfig in a save_pretrained folder's config.json; anything malformed is a CheckpointError."""
+def read_folder(directory: Path) -> tuple[ModelConfig, ChatDefaults]:
+    """The model config and chat defaults a save_pretrained folder records; anything malformed is a CheckpointError."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a folder written by save_pretrained")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not UTF-8 text ({err}): the file is corrupt") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt") from err
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, expected an object with 'format_version'")
+    meta = read_json_object(path)
     unknown = sorted(set(meta) - CONFIG_KEYS)
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(CONFIG_KEYS))}")
@@ -55,9 +49,10 @@ def read_folder_config(directory: Path) -> ModelConfig:
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: 'model' must be an object (the model config), got {meta.get('model')!r}")
     try:
-        return from_dict(ModelConfig, meta["model"], prefix="model.")
+        config = from_dict(ModelConfig, meta["model"], prefix="model.")
     except ConfigError as err:
         raise CheckpointError(f"{path}: {err}") from err
+    return config, ChatDefaults.load(directory, meta.get("chat"), path)
 
 
 def find_meta_tensors(module: nn.Module) -> list[str]:
@@ -95,6 +90,8 @@ class MiniGPT4(nn.Module):
         self.proj = nn.Linear(config.qformer.hidden_size, llm.config.hidden_size)  # "llama_proj"
         self.llm = llm
         self.tokenizer = tokenizer
+        # How to talk to the model: `save_pretrained` records it, `from_pretrained` and training checkpoints set it.
+        self.chat_defaults = ChatDefaults()
         self.lock()
 
     # ---------------------------------------------------------------- freezing and placement
@@ -311,7 +308,9 @@ class MiniGPT4(nn.Module):
         return model.place(device, dtype)
 
     def save_pretrained(self, directory: str | Path, include_llm: bool = False) -> None:
-        """Write `config.json` and `model.safetensors` (vision, ln_vision, Q-Former, projection).
+        """Write `config.json`, `model.safetensors` (vision, ln_vision, Q-Former, projection) and
+        `generation_config.json`; config.json also records the conversation template and system text
+        (`chat_defaults`), so the folder carries how to talk to the model.
 
         The LLM is referenced by `model.llm.path` (it is frozen and usually large). With
         `include_llm=True`, or when the config has no LLM path, it is saved to `directory/llm`.
@@ -327,7 +326,8 @@ class MiniGPT4(nn.Module):
             config.llm.path = str(Path(config.llm.path).expanduser().resolve())
         state = {k: v.detach().contiguous() for k, v in self.tower_state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        meta = {"format_version": FORMAT_VERSION, "model": to_dict(config)}
+        self.chat_defaults.save_generation_config(directory)
+        meta = {"format_version": FORMAT_VERSION, "model": to_dict(config), "chat": self.chat_defaults.config_entry()}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -339,7 +339,7 @@ class MiniGPT4(nn.Module):
     ) -> "MiniGPT4":
         """Load a folder written by `save_pretrained`. A relative LLM path is relative to the folder."""
         directory = Path(directory)
-        config = read_folder_config(directory)
+        config, chat_defaults = read_folder(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}: the folder is incomplete")
@@ -354,5 +354,6 @@ class MiniGPT4(nn.Module):
         llm_model, tokenizer = load_llm(config.llm, torch_dtype, config.device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
         model.load_tower_state_dict(read_checkpoint(weights), source=str(weights))
+        model.chat_defaults = chat_defaults
         model.lock()
         return model.place(config.device, torch_dtype)

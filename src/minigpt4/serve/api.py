@@ -181,7 +181,7 @@ class ChatService:
             raise APIError(400, f"the request has {len(urls)} images; the limit is max_images={cfg.max_images}",
                            param="messages", code="too_many_images")
         try:
-            conversation = to_conversation(turns, cfg.system_prompt or None)
+            conversation = to_conversation(turns, self.engine.system)
             prompt = self.engine.render(conversation)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
@@ -205,18 +205,20 @@ class ChatService:
             image = load_image_url(url, f"image {index} ({param})", param, cfg)
             pixels.append(self.engine.pixels(image))
 
-        sampled = request.temperature != 0.0
-        generation: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sampled, "stop": stop,
-                                      "seed": request.seed, "max_context": cfg.max_context,
-                                      "max_time": cfg.max_generation_seconds}
-        if sampled and request.temperature is not None:
-            generation["temperature"] = request.temperature
-        if sampled and request.top_p is not None:
+        # What the request leaves out is the model's recorded decoding (engine.generation); temperature 0 = greedy.
+        generation: dict[str, Any] = {"max_new_tokens": max_new, "stop": stop, "seed": request.seed,
+                                      "max_context": cfg.max_context, "max_time": cfg.max_generation_seconds}
+        if request.temperature is not None:
+            generation["do_sample"] = request.temperature != 0.0
+            if request.temperature != 0.0:
+                generation["temperature"] = request.temperature
+        if request.top_p is not None:
             generation["top_p"] = request.top_p
         try:
-            settings = GenerationSettings(**generation)
+            settings = self.engine.generation.replace(**generation)
         except ValueError as err:
             raise APIError(400, str(err)) from None
+        sampled = settings.do_sample
         return Prepared(
             prompt=prompt, images=pixels, settings=settings, prompt_tokens=prompt_tokens,
             n=request.n, stream=request.stream,

@@ -34,8 +34,8 @@ class ServeConfig:
     port: int = _opt(8000, "TCP port", low=1, high=65535)
     api_key: str = _opt("", "require 'Authorization: Bearer KEY' on /v1 (empty: no key)")
     model_name: str = _opt("minigpt4", "the model id that /v1/models lists and requests must name")
-    template: str = _opt("vicuna_v0", "conversation template: vicuna_v0, llama2 or chat_template")
-    system_prompt: str = _opt("", "system text when a request has none (empty: the template's default)")
+    template: str = _opt("", "conversation template, e.g. vicuna_v0 or llama2 (empty: the one the model records)")
+    system_prompt: str = _opt("", "system text when a request has none (empty: the model's or template's default)")
     # Browsers send Origin on cross-site requests; none is allowed unless listed (a web page the user
     # visits must not be able to use a local server).
     cors_origins: tuple[str, ...] = _opt(
@@ -98,7 +98,7 @@ class ServeConfig:
             )
         from minigpt4.chat.templates import TEMPLATE_NAMES
 
-        if self.template not in TEMPLATE_NAMES:
+        if self.template and self.template not in TEMPLATE_NAMES:
             raise ValueError(f"serve.template={self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
         if self.max_n > self.max_batch_size:
             raise ValueError(f"serve.max_n={self.max_n} exceeds serve.max_batch_size={self.max_batch_size}")

@@ -66,15 +66,22 @@ def to_conversation(turns: list[tuple[str, str, int]], default_system: str | Non
 
 
 class ModelEngine:
-    """A loaded MiniGPT-4 with its conversation template, image transform and generation calls.
+    """A loaded MiniGPT-4 with its conversation template, decoding defaults, image transform and generation calls.
 
     `render`, `count_tokens` and `pixels` run on request threads; `generate` and `stream_batch` only on
     the scheduler's worker thread (the model is not thread-safe).
     """
 
-    def __init__(self, model: MiniGPT4, template: str = "vicuna_v0"):
+    def __init__(self, model: MiniGPT4, template: str | None = None, system: str | None = None):
+        """`template` None: the model's (`model.chat_defaults`), with its system text unless `system` is
+        given; requests without a system message get `system`. Decoding defaults are the model's too."""
         self.model = model
+        talk = model.chat_defaults
+        if template is None:
+            template, system = talk.template, talk.system if system is None else system
         self.template = get_template(template, model.tokenizer)
+        self.system = system
+        self.generation = talk.generation  # what a request leaves out
         # Request threads tokenize while the worker generates: give them their own tokenizer.
         self._tokenizer = copy.deepcopy(model.tokenizer)
         # No token covers more characters than the longest vocabulary piece; see `min_tokens`.

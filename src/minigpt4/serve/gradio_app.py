@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from minigpt4.chat import Chat, GenerationSettings  # noqa: E402
+from minigpt4.chat.defaults import describe_decoding  # noqa: E402
 from minigpt4.processing.image import ImageError, eval_transform, load_image  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _status(text: str, error: bool = False) -> str:
 def build_demo(
     model,
     settings: GenerationSettings | None = None,
-    template: str = "vicuna_v0",
+    template: str | None = None,
     system: str | None = None,
     limits: DemoLimits | None = None,
     examples_dir: str | Path | None = None,
@@ -124,13 +125,18 @@ def build_demo(
     """The demo page for `model` (not launched).
 
     Args:
-        settings: default decoding settings; the page's controls change beams, temperature and sampling.
-        template: conversation template name.
+        settings: default decoding settings (None: the model's, `model.chat_defaults`); the page's
+            controls change beams, temperature and sampling.
+        template: conversation template name (None: the model's, with its system text unless `system` is given).
         system: system text (None: the template's default).
         limits: upload and session limits.
         examples_dir: where the example photos are written (default: a folder in the temp dir).
     """
-    settings = settings or GenerationSettings()
+    talk = model.chat_defaults
+    source = "given to build_demo"
+    if template is None:
+        template, system, source = talk.template, talk.system if system is None else system, talk.template_source
+    settings = settings or talk.generation
     limits = limits or DemoLimits()
     sessions = Sessions(model, settings, template, system, limits.max_sessions)
     examples = write_examples(examples_dir)
@@ -184,7 +190,7 @@ def build_demo(
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         gr.Markdown(f"Model: `{Path(model.config.llm.path).name or 'LLM'}` on `{model.device}`, "
-                    f"template `{template}`.", elem_id="model-info")
+                    f"template `{template}` (from {source}), {describe_decoding(settings)}.", elem_id="model-info")
         ready = gr.State(False)
         with gr.Row():
             with gr.Column(scale=1):

@@ -10,6 +10,8 @@ A checkpoint is one `torch.save` dict:
     data       {"batches": micro-batches each process has consumed} (loaders restart there)
     rng        one entry per rank: python, numpy and torch (CPU and accelerator) generator states
     skipped    bad samples skipped so far;  config  the job config as a dict
+    chat       how to talk to the trained model: the stage's layout as a conversation template, its
+               system text, and decoding defaults (`ChatDefaults.record`; see `chat_record`)
 
 Only tensors and plain containers are stored, so loading works with `torch.load(weights_only=True)`.
 """
@@ -26,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from minigpt4.chat.defaults import RELEASE, ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint
+from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE
 
 if TYPE_CHECKING:
+    from minigpt4.config import TrainJobConfig
     from minigpt4.model.minigpt4 import MiniGPT4
 
 log = logging.getLogger(__name__)
@@ -155,6 +160,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         raise CheckpointError(f"{path}: the optimizer entry lacks its 'state' mapping or 'param_groups' list")
     return state
+
+
+def chat_record(cfg: TrainJobConfig, model: MiniGPT4) -> dict[str, Any]:
+    """The "chat" entry: the conversation template that lays prompts out as this stage trained them.
+
+    Stage 1 (no prompts) trains `[image][caption]\n`: the `caption` template. Stage 2 with the
+    released instruction template trains `###Human: ... ###Assistant: `: `vicuna_v0_train`. The
+    decoding is the model's own (the release's, or what the folder it was loaded from records).
+    """
+    if not cfg.data.prompts:
+        template = "caption"
+    elif cfg.data.prompt_template == VICUNA_V0_TEMPLATE and cfg.data.end_sym == "###":
+        template = "vicuna_v0_train"
+    else:
+        log.warning("data.prompt_template=%r with end_sym %r matches no conversation template: the checkpoint "
+                    "records %r; pass --template when chatting with it", cfg.data.prompt_template, cfg.data.end_sym,
+                    model.chat_defaults.template)
+        return model.chat_defaults.record()
+    return model.chat_defaults.replace(template=template, system="").record()
+
+
+def chat_defaults(state: dict[str, Any], path: str | Path) -> ChatDefaults:
+    """The chat defaults a loaded training checkpoint records (the release's for one written before they were)."""
+    if "chat" not in state:
+        return ChatDefaults(template_source=f"{RELEASE}; {path} records none", generation_source=RELEASE)
+    return ChatDefaults.from_record(state["chat"], str(path))
 
 
 # --------------------------------------------------------------------------------------------

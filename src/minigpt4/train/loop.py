@@ -542,7 +542,7 @@ def _save(run: Run, step: int, reason: str) -> Path:
                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
                 "step": step, "epoch": step // t.iters_per_epoch, "data": {"batches": step * t.grad_accum},
                 "rng": rngs, "skipped": run.skipped_total, "nonfinite_steps": run.nonfinite_total,
-                "config": to_dict(run.cfg),
+                "config": to_dict(run.cfg), "chat": ckpt.chat_record(run.cfg, run.model),
             }, path)
         except ckpt.CheckpointSaveError as err:
             failure = str(err)
