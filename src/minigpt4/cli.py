@@ -54,6 +54,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("minigpt4.commands.caption", "describe folders, image lists or webdataset shards in batches (JSONL)"),
     "demo": ("minigpt4.commands.demo", "the Gradio web demo: upload an image and chat about it"),
     "fetch": ("minigpt4.commands.fetch", "download and verify the released weights of a preset into the cache"),
+    "apply-delta": ("minigpt4.commands.apply_delta", "base + delta weights (Vicuna v0) -> a model folder, shard by shard"),
+    "make-delta": ("minigpt4.commands.make_delta", "the delta from a base model to a target (reverse of apply-delta)"),
 }
 
 

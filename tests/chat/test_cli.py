@@ -1,18 +1,26 @@
-"""`minigpt4 chat` and `minigpt4 caption` on the tiny model, through the real entry point."""
+"""`minigpt4 chat` and `minigpt4 caption` on the tiny model, through the real entry point (and as a subprocess)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from minigpt4.chat import Chat
 from minigpt4.cli import main
+from minigpt4.model.tiny import RANDOM_MARKER
 from minigpt4.processing.image import eval_transform
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture
@@ -189,3 +197,140 @@ def test_caption_skips_and_counts_what_cannot_be_read(tiny_llm_dir, photo, unrea
     assert "1 captioned, 0 already done, 3 skipped" in err
     assert "[huge.jpg] is 2147483648 bytes, over the limit max_image_bytes=" in err
     assert f"{unreadable['fifo']}: not a regular file" in err and "/dev/zero: not a regular file" in err
+
+
+# ---- interactive input that ends, or never comes, ends the session without spinning
+
+def _chat_process(tiny_llm_dir, tmp_path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "minigpt4.cli", "chat", "--preset", "tiny", "--greedy", "--max-new-tokens", "3",
+            f"llm.path={tiny_llm_dir}"]
+    return subprocess.Popen(argv, env=env, cwd=tmp_path, **popen)
+
+
+def test_chat_with_no_input_ends_cleanly(tiny_llm_dir, tmp_path):
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        process = _chat_process(tiny_llm_dir, tmp_path, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        assert process.wait(timeout=300) == 0
+    assert (tmp_path / "out.txt").read_text().count("you> ") == 1
+
+
+def test_chat_reads_questions_from_a_file_until_it_ends(tiny_llm_dir, tmp_path):
+    (tmp_path / "questions.txt").write_text("What is in this picture?\nAnd what colour is it?\n")
+    with open(tmp_path / "questions.txt") as questions, open(tmp_path / "out.txt", "w") as out, \
+            open(tmp_path / "err.txt", "w") as err:
+        process = _chat_process(tiny_llm_dir, tmp_path, stdin=questions, stdout=out, stderr=err)
+        assert process.wait(timeout=300) == 0
+    printed = (tmp_path / "out.txt").read_text()
+    assert printed.count("minigpt4> ") == 2 and printed.count("you> ") == 3  # two answers, then end of input
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
+def test_chat_waiting_on_a_silent_pipe_sleeps_and_ends_when_it_closes(tiny_llm_dir, tmp_path):
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        process = _chat_process(tiny_llm_dir, tmp_path, stdin=subprocess.PIPE, stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while "you> " not in (tmp_path / "out.txt").read_text():  # the model is loaded and the prompt is up
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            before = _cpu_seconds(process.pid)
+            time.sleep(3)
+            assert _cpu_seconds(process.pid) - before < 1.0  # blocked on the read, not spinning
+            process.stdin.close()  # the pipe closes without a line ever sent
+            assert process.wait(timeout=60) == 0
+        finally:
+            process.kill()
+
+
+# ---- no silent random weights
+
+def test_random_weights_are_announced(tiny_llm_dir, tiny_model, cat_file, tmp_path, capsys):
+    assert main(["chat", "--preset", "tiny", "--image", str(cat_file), "--max-new-tokens", "2", "hi",
+                 f"llm.path={tiny_llm_dir}"]) == 0
+    assert "random weights: LLM, vision tower, Q-Former, projection" in capsys.readouterr().err
+
+    # A saved model: its towers and projection are its own, but its LLM folder is still the random tiny one.
+    tiny_model.save_pretrained(tmp_path / "model")
+    assert main(["chat", "--checkpoint", str(tmp_path / "model"), "--max-new-tokens", "2", "hi"]) == 0
+    assert "random weights: LLM (" in capsys.readouterr().err
+
+    # The same saved model pointing at an LLM folder that is not marked random: no banner.
+    shutil.copytree(tiny_llm_dir, tmp_path / "llm", ignore=shutil.ignore_patterns(RANDOM_MARKER))
+    tiny_model.config.llm.path = str(tmp_path / "llm")
+    tiny_model.save_pretrained(tmp_path / "real")
+    assert main(["chat", "--checkpoint", str(tmp_path / "real"), "--max-new-tokens", "2", "hi"]) == 0
+    assert "random weights" not in capsys.readouterr().err
+
+
+def test_random_parts_by_weight_source(tmp_path):
+    from minigpt4.config import model_preset
+    from minigpt4.model.build import random_parts
+
+    llm = str(tmp_path)  # a folder without the tiny LLM's marker
+    released = model_preset("minigpt4-7b")
+    assert random_parts(released, llm) == ["vision tower", "Q-Former", "projection"]
+    released.weights.vit, released.weights.blip2 = "eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth"
+    assert random_parts(released, llm) == ["projection"]
+    released.weights.projection = "prerained_minigpt4_7b.pth"
+    assert random_parts(released, llm) == []
+    embedded = model_preset("embedded")
+    assert random_parts(embedded, llm) == ["Q-Former", "projection"]
+    embedded.weights.pretrained = "quickstart/model"
+    assert random_parts(embedded, llm) == []
+    (tmp_path / RANDOM_MARKER).write_text("random\n")
+    assert random_parts(embedded, llm) == ["LLM"]
+
+
+# ---- caption: a record is its source and its key
+
+def test_caption_same_names_in_different_places_are_different_records(tiny_llm_dir, photo, tmp_path, monkeypatch,
+                                                                      capsys):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        photo.save(tmp_path / folder / "img.png")
+        _shard(tmp_path / f"{folder}.tar", photo, ["000001"])
+    out = tmp_path / "captions.jsonl"
+    args = ["caption", "--preset", "tiny", "-o", str(out), "--max-new-tokens", "2", "x", "y", "x.tar", "y.tar",
+            f"llm.path={tiny_llm_dir}"]
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 0
+    assert "4 captioned, 0 already done" in capsys.readouterr().err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["source"], r["key"]) for r in records] == [("x", "img.png"), ("y", "img.png"),
+                                                          ("x.tar", "000001"), ("y.tar", "000001")]
+    out.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[2]) + "\n")  # as if stopped after two
+    assert main(args) == 0
+    assert "2 captioned, 2 already done" in capsys.readouterr().err
+    assert sorted((r["source"], r["key"]) for r in map(json.loads, out.read_text().splitlines())) == sorted(
+        (r["source"], r["key"]) for r in records)
+
+
+# ---- the CLI does not import the tests' helpers
+
+def test_cli_does_not_import_the_test_helpers(tmp_path):
+    """`--help` of every command and a tiny-preset run load neither minigpt4.testing nor pytest."""
+    script = (
+        "import sys\n"
+        "from minigpt4.cli import COMMANDS, main\n"
+        "for name in COMMANDS:\n"
+        "    try:\n"
+        "        main([name, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert main(['loss', '--preset', 'tiny', '--text', 'a cat']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('minigpt4', 'pytest'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "MINIGPT4_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    modules = done.stdout.strip().splitlines()[-1]
+    assert "minigpt4.commands.loss" in modules and "minigpt4.model.tiny" in modules
+    assert "minigpt4.testing" not in modules and "pytest" not in modules
+    assert (tmp_path / "tiny-llm" / RANDOM_MARKER).is_file()  # the tiny preset's LLM, built on first use

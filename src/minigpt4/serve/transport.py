@@ -189,7 +189,7 @@ def server_config(app: Any, config: ServeConfig, **uvicorn_options: Any) -> uvic
     """uvicorn's settings for `app` (made by `create_app`, which holds the gate) under `config`."""
     return uvicorn.Config(
         app, host=config.host, port=config.port, http=protocol_for(app.state.connection_gate), ws="none",
-        lifespan="on", timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
+        timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=config.max_header_bytes, **uvicorn_options,
     )
 
