@@ -344,7 +344,8 @@ def image_host(photo):
 
 def test_remote_images_when_enabled(serve_engine, image_host):
     host, files = image_host
-    config = ServeConfig(model_name=MODEL, allow_remote_images=True, max_image_bytes=64 * 1024, batch_wait_ms=2)
+    config = ServeConfig(model_name=MODEL, allow_remote_images=True, max_image_bytes=64 * 1024, batch_wait_ms=2,
+                         remote_image_allowed_networks=("127.0.0.1",))  # loopback is refused by default
     with running_server(serve_engine, config) as url, httpx.Client(base_url=url, timeout=60) as http:
         fetched = post(http, {**ask([image_part(f"{host}/cat.png")]), "temperature": 0})
         inline = post(http, {**ask([image_part(b64_url(files["/cat.png"]))]), "temperature": 0})

@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             server.add_argument(flag, dest=spec.name, action="store_true", help=spec.metadata["help"])
         elif isinstance(default, tuple):
-            server.add_argument(flag, dest=spec.name, action="append", default=[], metavar="URL",
-                                help=spec.metadata["help"])
+            server.add_argument(flag, dest=spec.name, action="append", default=[],
+                                metavar=flag.rsplit("-", 1)[-1].upper(), help=spec.metadata["help"])
         else:
             server.add_argument(flag, dest=spec.name, type=type(default), default=default,
                                 help=f"{spec.metadata['help']} (default: {default!r})")

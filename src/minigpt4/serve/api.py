@@ -35,7 +35,7 @@ from minigpt4.chat.generation import GenerationSettings
 from minigpt4.serve.config import ServeConfig
 from minigpt4.serve.engine import ModelEngine, to_conversation
 from minigpt4.serve.errors import APIError, error_body
-from minigpt4.serve.images import load_image_url
+from minigpt4.serve.images import RemoteImages, load_image_url
 from minigpt4.serve.scheduler import BatchScheduler, Job, QueueFull, SchedulerClosed
 from minigpt4.serve.schemas import (
     AssistantMessage,
@@ -92,6 +92,7 @@ class ChatService:
         self.config = config
         self.created = int(time.time())
         self.preparing = asyncio.Semaphore(_CONCURRENT_PREPARES)
+        self.remote = RemoteImages(config)
         self.bodies = BodyReader(config)
         self.scheduler = BatchScheduler(
             engine.generate,
@@ -154,8 +155,9 @@ class ChatService:
         if len(stop) > 4 or any(not s or len(s) > 64 for s in stop):
             raise APIError(400, "stop takes at most 4 non-empty strings of at most 64 characters", param="stop")
 
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
-        """Apply every limit, render the prompt and decode the images (runs on the thread pool)."""
+    def prepare(self, request: ChatCompletionRequest, fetched: dict[str, bytes | APIError]) -> Prepared:
+        """Apply every limit, render the prompt and decode the images (runs on the thread pool); `fetched`
+        holds the request's remote images, fetched before on the event loop."""
         cfg = self.config
         max_new = request.max_completion_tokens or request.max_tokens or cfg.default_max_tokens
         stop = request.stop_list()
@@ -202,7 +204,7 @@ class ChatService:
 
         pixels = []
         for index, (url, param) in enumerate(urls):
-            image = load_image_url(url, f"image {index} ({param})", param, cfg)
+            image = load_image_url(url, f"image {index} ({param})", param, cfg, fetched)
             pixels.append(self.engine.pixels(image))
 
         # What the request leaves out is the model's recorded decoding (engine.generation); temperature 0 = greedy.
@@ -430,8 +432,9 @@ def create_app(engine: ModelEngine, config: ServeConfig) -> FastAPI:
         service.check_key(request)
         async with service.bodies.read(request) as body:  # its bytes stay counted until the images are decoded
             parsed = await run_in_threadpool(service.parse, body)
+            fetched = await service.remote.fetch_request(parsed)  # a slow image host holds no preparation slot
             async with service.preparing:
-                prepared = await run_in_threadpool(service.prepare, parsed)
+                prepared = await run_in_threadpool(service.prepare, parsed, fetched)
         if prepared.stream:
             return await service.stream(prepared)
         return await service.complete(request, prepared)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -44,7 +45,15 @@ class ServeConfig:
     )
     # Remote URLs make the server fetch any address it can reach (SSRF), so they are opt-in.
     allow_remote_images: bool = _opt(False, "also fetch http(s) image URLs (off: only data: URLs)")
-    remote_image_timeout_s: float = _opt(10.0, "timeout for fetching a remote image", low=0.1, high=3600)
+    remote_image_timeout_s: float = _opt(10.0, "wall time for fetching a remote image, redirects and body included",
+                                         low=0.1, high=3600)
+    remote_image_max_redirects: int = _opt(3, "redirects a remote image fetch follows (each target checked)",
+                                           low=0, high=20)
+    # Private, loopback, link-local, multicast and reserved addresses are never fetched unless listed here.
+    remote_image_allowed_networks: tuple[str, ...] = _opt(
+        (), "also fetch remote images from this network although it is not public, e.g. 10.1.0.0/16 "
+        "(repeatable; default: public addresses only)", flag="--remote-image-allowed-network",
+    )
 
     # Connections: what one client and all clients can hold, and for how long.
     max_connections: int = _opt(
@@ -109,6 +118,12 @@ class ServeConfig:
             raise ValueError(f"serve.max_buffered_body_bytes={self.max_buffered_body_bytes} is below "
                              f"serve.max_body_bytes={self.max_body_bytes}: a body of the allowed size could never "
                              "be read; raise it")
+        for network in self.remote_image_allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"serve.remote_image_allowed_networks: {network!r} is not a network; write an "
+                                 "address or ADDRESS/PREFIX, e.g. 10.1.0.0/16 or 127.0.0.1") from None
         for origin in self.cors_origins:
             if not _ORIGIN.fullmatch(origin):
                 raise ValueError(
