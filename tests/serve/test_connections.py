@@ -281,20 +281,65 @@ def test_body_limits_apply_before_the_body_is_buffered(serve_engine):
 
 
 def test_buffered_body_bytes_are_bounded_across_requests(serve_engine):
-    """While one request holds (almost) all of max_buffered_body_bytes, another body waits for room
-    instead of being buffered too; it is served once the first gives its bytes back."""
+    """While one request holds (almost) all of max_buffered_body_bytes, another body is refused with 503
+    and Retry-After instead of being buffered too; once the first gives its bytes back, it is served."""
     config = ServeConfig(model_name=MODEL, batch_wait_ms=2, max_body_bytes=64 * 1024,
-                         max_buffered_body_bytes=64 * 1024, request_body_timeout_s=3.0)
+                         max_buffered_body_bytes=64 * 1024, request_body_timeout_s=2.0)
     with running_server(serve_engine, config) as url:
         port = port_of(url)
         holder = connect(port)
-        holder.sendall(post_head(port, 65_500) + b'{"model": ')  # reserves 65500 of 65536 bytes, then stalls
-        time.sleep(0.3)
-        status, seconds = normal_request(url)
+        holder.sendall(post_head(port, 65_536) + b" " * 65_500)  # holds 65500 of 65536 bytes, then stalls
+        time.sleep(0.5)
+        refused = httpx.post(f"{url}/v1/chat/completions", json=NORMAL, timeout=10)
         answer = read_response(holder)
+        served = httpx.post(f"{url}/v1/chat/completions", json=NORMAL, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    assert "max_buffered_body_bytes=65536" in refused.json()["error"]["message"]
     assert answer.startswith(b"HTTP/1.1 408")  # the holder timed out, giving its bytes back ...
-    assert status == 200 and seconds > 1.5  # ... and only then was the second body read
-    print(f"\nsecond body waited {seconds:.2f} s for the first one's 65500 bytes")
+    assert served.status_code == 200  # ... and then a body fits again
+
+
+def test_slow_bodies_from_one_address_leave_others_served(serve_engine):
+    """300 connections from 127.0.0.2 that send a whole head and then one body byte every 2 s: they are
+    busy (never closed for room), so that address keeps max_connections_per_client of them and is
+    refused the rest; a client at 127.0.0.1 is served 200 within 5 s, and the slow bodies hold only
+    the bytes they sent."""
+    config = ServeConfig(model_name=MODEL, batch_wait_ms=2)
+    with running_server(serve_engine, config) as url:
+        port = port_of(url)
+        assert normal_request(url)[0] == 200
+        socks = []
+        for _ in range(ATTACKERS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+            sock.settimeout(None)
+            socks.append(sock)
+            try:
+                sock.sendall(post_head(port, 1_000_000))
+            except OSError:
+                pass  # refused and closed already
+        try:
+            results = []
+            for byte in range(3):
+                for sock in socks:
+                    try:
+                        sock.send(b"{ "[byte % 2:byte % 2 + 1])
+                    except OSError:
+                        pass
+                time.sleep(2.0)
+                held = sum(not closed_by_server(sock) for sock in socks)
+                results.append((*normal_request(url), held))
+            connections = httpx.get(f"{url}/health", timeout=10).json()["connections"]
+        finally:
+            for sock in socks:
+                sock.close()
+    print(f"\n{ATTACKERS} slow-body connections from 127.0.0.2: " + "; ".join(
+        f"normal request -> {status} in {seconds:.2f} s ({held} held)" for status, seconds, held in results)
+        + f"; server connection stats: {connections}")
+    assert [status for status, _, _ in results] == [200, 200, 200]
+    assert max(seconds for _, seconds, _ in results) < NORMAL_WITHIN_S
+    assert all(held == config.max_connections_per_client for *_, held in results)
+    # Beyond the cap each newcomer was refused, or closed a 127.0.0.2 connection whose head had not arrived yet.
+    assert connections["refused"] + connections["evicted"] == ATTACKERS - config.max_connections_per_client
 
 
 def test_early_answers_close_the_connection(serve_engine):
@@ -309,3 +354,20 @@ def test_early_answers_close_the_connection(serve_engine):
         assert answer.startswith(b"HTTP/1.1 415") and b"connection: close" in answer.lower()
         error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
         assert error["code"] == "unsupported_media_type"
+
+
+def test_oversized_request_head_is_refused(serve_engine):
+    """--max-header-bytes is h11's max_incomplete_event_size: a head still unfinished past it is a 400 and
+    the connection is closed, so a trickled head buffers at most that much."""
+    with running_server(serve_engine, ServeConfig(model_name=MODEL, max_header_bytes=4096)) as url:
+        port = port_of(url)
+        sock = connect(port)
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'p' * 8000}".encode())
+        answer = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 400") and b"connection: close" in answer.lower(), answer
+        small = connect(port)
+        small.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'p' * 3000}".encode())
+        time.sleep(0.2)
+        small.sendall(b"\r\n\r\n")
+        assert small.recv(65536).startswith(b"HTTP/1.1 200")
+        small.close()

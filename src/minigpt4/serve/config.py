@@ -71,12 +71,13 @@ class ServeConfig:
     request_body_timeout_s: float = _opt(60.0, "seconds a client may take to send a request body", low=0.1,
                                          high=3600)
     keep_alive_timeout_s: float = _opt(5.0, "seconds an idle keep-alive connection stays open", low=0.1, high=3600)
-    max_header_bytes: int = _opt(16 * 1024, "largest request head (request line and headers)", low=1024,
-                                 high=1024 * 1024)
+    max_header_bytes: int = _opt(16 * 1024, "bytes of an unfinished request head the server buffers; past it: 400",
+                                 low=1024, high=1024 * 1024)
 
     max_body_bytes: int = _opt(24 * 1024 * 1024, "largest request body", low=1)
     max_buffered_body_bytes: int = _opt(
-        96 * 1024 * 1024, "request body bytes all requests together may hold before their images are decoded",
+        96 * 1024 * 1024, "request body bytes all requests together may hold until their images are decoded "
+        "(past it: 503)",
         low=1,
     )
     max_image_bytes: int = _opt(10 * 1024 * 1024, "largest encoded image", low=1)

@@ -1,13 +1,14 @@
 """The HTTP transport under the API: what a client may hold (connections, time, buffered bytes) and
 the checks every request passes before a route sees it (Host, Origin, Content-Type).
 
-uvicorn's own settings are used where they exist: `h11_max_incomplete_event_size` bounds the request
-head's size and `timeout_keep_alive` an idle keep-alive connection's life. Its `limit_concurrency` is
-not used: it counts idle and half-sent connections with the working ones, so a few hundred connections
-that send nothing (or one header byte every few seconds) make it answer every real request 503, which
-is the starvation it should prevent. uvicorn has no deadline for a request head (a connection that
-trickles its headers, or opens and says nothing, is held forever), no per-client cap and no bound on
-the body bytes all requests buffer together; `ConnectionGate` and `BodyReader` add those.
+uvicorn's own settings are used where they exist: `h11_max_incomplete_event_size` bounds the bytes
+of an unfinished request head and `timeout_keep_alive` an idle keep-alive connection's life. Its
+`limit_concurrency` is not used: it counts idle and half-sent connections with the working ones, so a
+few hundred connections that send nothing (or one header byte every few seconds) make it answer every
+real request 503, which is the starvation it should prevent. uvicorn has no deadline for a request
+head (a connection that trickles its headers, or opens and says nothing, is held forever), no
+per-client cap and no bound on the body bytes all requests buffer together; `ConnectionGate` and
+`BodyReader` add those.
 """
 
 from __future__ import annotations
@@ -286,39 +287,23 @@ class RequestGate:
         return None
 
 
-class _ByteBudget:
-    """Bytes held by all requests together, up to a limit; takers wait until enough is given back."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.held = 0
-        self._freed = asyncio.Event()
-
-    async def take(self, size: int) -> None:
-        while self.held + size > self.limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self.held += size
-
-    def give_back(self, size: int) -> None:
-        self.held -= size
-        self._freed.set()
-
-
 class BodyReader:
-    """Reads a JSON request body within its bounds, all checked before the bytes they guard are read:
+    """Reads a JSON request body within its bounds, each checked before the bytes it guards are read:
 
     the media type (415 unless `application/json`, so a web page cannot send a CORS-"simple" text/plain
-    or form request), the size (413: a declared Content-Length before reading, a chunked body while
-    counting), the time (408 after `request_body_timeout_s`), and the buffered bytes of all requests
-    together (`max_buffered_body_bytes`: a declared body reserves its length before reading, a chunked one
-    as it arrives; 503 if no room frees up in time). The bytes stay reserved until the caller is done.
+    or form request), the size (413: a declared Content-Length before reading, any body while counting),
+    the time (408 after `request_body_timeout_s`), and the body bytes all requests hold together
+    (`max_buffered_body_bytes`, counted as they arrive and until the caller is done; past it the request
+    is answered 503 with Retry-After at once). Counting what arrived rather than what is declared means
+    a slow sender holds only what it has sent; answering at once rather than waiting for room means
+    bodies that each hold part of the room never wait on each other.
     """
 
     def __init__(self, config: ServeConfig):
         self.limit = config.max_body_bytes
         self.timeout_s = config.request_body_timeout_s
-        self.budget = _ByteBudget(config.max_buffered_body_bytes)
+        self.room = config.max_buffered_body_bytes
+        self.held = 0  # by all requests (on the event loop's thread)
 
     @asynccontextmanager
     async def read(self, request: Request) -> AsyncIterator[bytes]:
@@ -335,12 +320,8 @@ class BodyReader:
             raise too_big
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        held = 0
+        chunks, size = [], 0
         try:
-            if declared.isdigit():
-                await self._reserve(int(declared), deadline - loop.time())
-                held = int(declared)
-            chunks, size = [], 0
             stream = request.stream()
             while True:
                 try:
@@ -352,22 +333,16 @@ class BodyReader:
                                    f"{self.timeout_s:g} s", code="request_timeout") from None
                 except ClientDisconnect:
                     raise APIError(400, "the client closed the connection before sending the whole body") from None
-                size += len(chunk)
-                if size > self.limit:
+                if size + len(chunk) > self.limit:
                     raise too_big
-                if size > held:  # a chunked body (or one longer than declared, which h11 refuses anyway)
-                    await self._reserve(size - held, deadline - loop.time())
-                    held = size
+                if self.held + len(chunk) > self.room:
+                    raise APIError(
+                        503, f"the server is holding max_buffered_body_bytes={self.room} bytes of request bodies; "
+                        "retry later", code="unavailable", headers={"Retry-After": "1"},
+                    )
+                self.held += len(chunk)
+                size += len(chunk)
                 chunks.append(chunk)
             yield b"".join(chunks)
         finally:
-            self.budget.give_back(held)
-
-    async def _reserve(self, size: int, timeout_s: float) -> None:
-        try:
-            await asyncio.wait_for(self.budget.take(size), max(timeout_s, 0.0))
-        except asyncio.TimeoutError:
-            raise APIError(
-                503, f"the server is buffering max_buffered_body_bytes={self.budget.limit} bytes of other requests' "
-                "bodies; retry later", code="unavailable", headers={"Retry-After": "1"},
-            ) from None
+            self.held -= size
