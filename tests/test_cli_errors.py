@@ -36,6 +36,8 @@ CASES = [
     pytest.param(["chat", "--preset", "tiny", "vision.bogus=1", "hi"], id="chat-unknown-key"),
     pytest.param(["chat", "--preset", "tiny", "--image", "{tmp}/missing.png", "hi"], id="chat-image-missing"),
     pytest.param(["chat", "--preset", "tiny", "--top-p", "3", "hi"], id="chat-top-p"),
+    pytest.param(["chat", "--preset", "tiny", "llm.quantization=8bit", "hi"], id="chat-8bit-without-gpu",
+                 marks=no_cuda),
     pytest.param(["chat", "--max-new-tokens", "many", "hi"], id="chat-not-a-number"),
     pytest.param(["caption", "--preset", "tiny", "-o", "{dir}", "{dir}"], id="caption-output-is-folder"),
     pytest.param(["caption", "--preset", "tiny", "-o", "{file}/out.jsonl", "{dir}"], id="caption-output-under-file"),
@@ -43,6 +45,11 @@ CASES = [
     pytest.param(["caption", "--preset", "tiny", "@{tmp}/a.txt"], id="caption-list-cycle"),
     pytest.param(["caption", "--preset", "tiny", "--batch-size", "0", "{dir}"], id="caption-batch-size"),
     pytest.param(["demo", "--preset", "tiny", "not-an-override"], id="demo-stray-word"),
+    pytest.param(["demo", "--preset", "tiny", "--port", "99999"], id="demo-port-out-of-range"),
+    pytest.param(["chat", "--preset", "tiny", "--config", "{tmp}/bad.yaml", "hi"], id="chat-config-not-yaml"),
+    pytest.param(["chat", "--preset", "tiny", "--config", "{dir}", "hi"], id="chat-config-is-folder"),
+    pytest.param(["train", "{tmp}/bad.yaml"], id="train-config-not-yaml"),
+    pytest.param(["cache-features", "{tmp}/bad.yaml", "--output", "{tmp}/c"], id="cache-config-not-yaml"),
     pytest.param(["serve", "--port", "http"], id="serve-port-not-a-number"),
     pytest.param(["loss", "--preset", "tiny", "--image", "{tmp}/missing.png"], id="loss-image-missing"),
     pytest.param(["data", "make-shards", "{file}", "--from", "{dir}"], id="data-output-is-file"),
@@ -79,6 +86,7 @@ def places(tmp_path):
     (tmp_path / "self.txt").write_text(f"@{tmp_path / 'self.txt'}\n")
     (tmp_path / "a.txt").write_text(f"# a cycle through b\n@{tmp_path / 'b.txt'}\n")
     (tmp_path / "b.txt").write_text(f"@{tmp_path / 'a.txt'}\n")
+    (tmp_path / "bad.yaml").write_text("vision: [1, 2\n")  # an unclosed list
     return {"tmp": str(tmp_path), "file": str(tmp_path / "file"), "dir": str(tmp_path / "dir")}
 
 
@@ -96,7 +104,9 @@ def test_bad_input_is_one_error_line_and_status_2(argv, places, tmp_path, monkey
     status = _run([arg.format(**places) for arg in argv])
     err = capsys.readouterr().err
     assert status == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    lines = err.splitlines()
+    # Exactly one error line, the last thing said (progress lines such as "loading model" may come before it).
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], err
     assert "Traceback" not in err
 
 

@@ -156,8 +156,10 @@ def test_half_precision_loss_is_close_to_fp32(tiny_config, pixels, dtype):
 def test_quantization_without_a_gpu_is_a_clear_error(tiny_config):
     from minigpt4.model.build import build_model
 
+    from minigpt4.config import ConfigError
+
     tiny_config.llm.quantization = "8bit"
-    with pytest.raises(RuntimeError, match="model.llm.quantization='8bit' needs bitsandbytes on a CUDA GPU"):
+    with pytest.raises(ConfigError, match="model.llm.quantization='8bit' needs bitsandbytes on a CUDA GPU"):
         build_model(tiny_config)
 
 

@@ -29,11 +29,16 @@ def run(args: argparse.Namespace) -> int:
     overrides, rest = split_overrides(args.overrides)
     if rest:
         raise CommandError(f"expected section.key=value overrides, got {' '.join(rest)}")
+    if not 1 <= args.port <= 65535:
+        raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
     generation_settings(args)  # bad decoding flags fail before the model loads
     model = load_model(args, overrides)  # once, before the page is served (and before gradio's slow import)
     from minigpt4.serve.gradio_app import build_demo, launch
 
     demo = build_demo(model, generation_settings(args, model.chat_defaults.generation))  # template: the model's
     print(f"demo on http://{args.host}:{args.port}" + (" (and a public share link)" if args.share else ""), flush=True)
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as err:  # gradio's answer when the address is taken or cannot be bound
+        raise CommandError(f"cannot serve the demo on {args.host}:{args.port}: {err}") from err
     return 0

@@ -14,7 +14,7 @@ import torch
 from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from minigpt4.config import LLMConfig
+from minigpt4.config import ConfigError, LLMConfig
 from minigpt4.convert import CheckpointError, check_finite, name_list
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _quantization_config(cfg: LLMConfig, device: torch.device):
     if cfg.quantization == "none":
         return None
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"model.llm.quantization={cfg.quantization!r} needs bitsandbytes on a CUDA GPU, but the device is "
             f"{device}. Use model.llm.quantization=none (and model.dtype=bfloat16 to halve memory)."
         )
@@ -90,7 +90,7 @@ def _quantization_config(cfg: LLMConfig, device: torch.device):
         from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise RuntimeError(
+        raise ConfigError(
             f"model.llm.quantization={cfg.quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
         ) from err
     if cfg.quantization == "8bit":
