@@ -73,6 +73,11 @@ CASES = [
     pytest.param(["quickstart", "--device", "banana"], id="quickstart-device-banana"),
     pytest.param(["quickstart", "--device", "cuda"], id="quickstart-device-cuda", marks=no_cuda),
     pytest.param(["quickstart", "--threads", "0"], id="quickstart-threads"),
+    pytest.param(["fetch", "nonesuch"], id="fetch-unknown-preset"),
+    pytest.param(["apply-delta", "--base", "{tmp}/missing", "--delta", "{dir}", "--output", "{tmp}/o"],
+                 id="apply-delta-base-missing"),
+    pytest.param(["make-delta", "--base", "{file}", "--target", "{file}", "--output", "{tmp}/o"],
+                 id="make-delta-base-is-file"),
     pytest.param([], id="no-command"),
     pytest.param(["frobnicate"], id="unknown-command"),
 ]
