@@ -40,7 +40,7 @@ class Candidate:
 
     source: str  # shard path or image file, for messages
     key: str
-    image: bytes | str  # encoded bytes (from a tar) or a path (aligned folder)
+    image: bytes  # encoded, as read (up to data.max_image_bytes) from a tar member or an image file
     text: str
     seed: int  # seeds this sample's random transform
 
@@ -93,8 +93,6 @@ def decode(item: Candidate) -> Image.Image | SkippedSample:
     """The candidate's image as RGB, or why it cannot be used."""
     try:
         return load_image(item.image, name=f"{item.source} [{item.key}]")
-    except FileNotFoundError:
-        return SkippedSample(item.source, item.key, "missing image: file not found")
     except ImageTooLarge as err:  # over max_image_pixels, or a JPEG of too many scans
         return SkippedSample(item.source, item.key, f"too large: {err}")
     except ImageError as err:

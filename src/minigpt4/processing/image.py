@@ -163,7 +163,8 @@ def load_image(
     Args:
         source: a path, the encoded bytes, or a PIL image.
         name: how to call the image in errors (defaults to the path).
-        max_bytes, max_pixels: the limits (`max_image_bytes`, `max_image_pixels` in configs).
+        max_bytes: the largest file read (`max_image_bytes`); bytes in hand were limited by their reader.
+        max_pixels: the largest width x height (`max_image_pixels`).
         formats: the Pillow formats accepted (None: any Pillow reads).
 
     Raises:
@@ -177,8 +178,6 @@ def load_image(
     data = read_image_file(source, max_bytes, label) if isinstance(source, (str, Path)) else source
     if not data:
         raise ImageError(f"cannot read image {label}: it is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ImageTooLarge(f"image {label} is {len(data)} bytes, over the limit max_image_bytes={max_bytes}")
     names = [{"WEBP": "WebP"}.get(f, f) for f in formats or ()]
     kinds = f"{', '.join(names[:-1])} or {names[-1]} image" if len(names) > 1 else "image"
     try:
