@@ -176,7 +176,7 @@ def test_new_tokens_are_found_whatever_generate_puts_in_front(tiny_model, pixels
     `input_ids` too) put the prompt in front. The stopping criterion's probe handles both."""
     from transformers import StoppingCriteriaList
 
-    from minigpt4.chat.generation import StopCriteria, _generation_config, prepare_inputs
+    from minigpt4.chat.generation import RowLimits, StopCriteria, _generation_config, prepare_inputs
     from minigpt4.processing.prompt import collate_layouts, pad_token_id
 
     prompt = "<Img><ImageHere></Img> describe the image"
@@ -187,8 +187,9 @@ def test_new_tokens_are_found_whatever_generate_puts_in_front(tiny_model, pixels
         laid = layout_sample(tiny_model.tokenizer, prompt, tiny_model.num_image_tokens)
         ids = collate_layouts([laid], pad_token_id(tiny_model.tokenizer), "left").input_ids
         for input_ids, prefix in ((None, 0), (ids, ids.shape[1])):
-            criteria = StopCriteria(tiny_model.tokenizer, [])
-            config = _generation_config(tiny_model, GREEDY, GREEDY.max_new_tokens, [tiny_model.tokenizer.eos_token_id])
+            eos = tiny_model.tokenizer.eos_token_id
+            criteria = StopCriteria(tiny_model.tokenizer, [RowLimits((), (eos,), GREEDY.max_new_tokens)])
+            config = _generation_config(tiny_model, GREEDY, GREEDY.max_new_tokens, [eos])
             sequences = tiny_model.llm.generate(
                 input_ids, inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                 generation_config=config, stopping_criteria=StoppingCriteriaList([criteria]),
@@ -216,3 +217,54 @@ def test_tiny_temperature_decodes_greedily(tiny_model, pixels):
         tiny = GenerationSettings(temperature=temperature, max_new_tokens=GREEDY.max_new_tokens)
         assert generate(tiny_model, [prompt], [[pixels]], tiny)[0] == greedy
         assert "".join(stream(tiny_model, prompt, [pixels], tiny)) == greedy.text
+
+
+def test_rows_with_their_own_length_and_stops_share_one_generate(bigram_model, pixels):
+    """Per-row max_new_tokens and stop strings in one call: each row ends exactly as it would alone."""
+    rows = [GREEDY.replace(max_new_tokens=5), GREEDY.replace(stop=["###"]), GREEDY.replace(max_new_tokens=2),
+            GREEDY.replace(stop=["me"], max_new_tokens=6)]
+    alone = [generate(bigram_model, [p], [[pixels]], s)[0] for p, s in zip(PROMPTS, rows, strict=True)]
+    assert [c.completion_tokens for c in alone] == [5, 2, 2, 1]
+    assert [c.finish_reason for c in alone] == ["length", "stop", "length", "stop"]
+    calls = []
+    hook = bigram_model.llm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        batched = generate(bigram_model, PROMPTS, [[pixels]] * 4, rows)
+    finally:
+        hook.remove()
+    assert batched == alone
+    assert len(calls) == 5  # one generate, ended with its longest row
+    pieces: list[list[str]] = [[] for _ in PROMPTS]
+    streamed = stream_batch(bigram_model, PROMPTS, [[pixels]] * 4, rows, lambda row, text: pieces[row].append(text))
+    assert streamed == alone and ["".join(p) for p in pieces] == [c.text for c in alone]
+    with pytest.raises(ValueError, match="may differ only in max_new_tokens and stop"):
+        generate(bigram_model, PROMPTS[:2], [[pixels]] * 2, [GREEDY, GREEDY.replace(top_k=3)])
+
+
+def test_generate_cancelled_rows_end_at_the_next_step(bigram_model, pixels):
+    """A plain (unstreamed) call stops a row whose client left; once all have, generation ends."""
+    settings = GREEDY.replace(max_new_tokens=40)  # "### in in in ...": nothing stops it before 40
+    cancelled = [threading.Event(), threading.Event()]
+    calls = []
+
+    def count(*args) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            cancelled[0].set()
+        if len(calls) == 6:
+            cancelled[1].set()
+
+    hook = bigram_model.llm.register_forward_hook(count)
+    try:
+        out = generate(bigram_model, PROMPTS[:2], [[pixels]] * 2, settings, cancelled=cancelled)
+    finally:
+        hook.remove()
+    assert out == [None, None]
+    assert len(calls) <= 7  # not 40
+    cancelled = [threading.Event(), threading.Event()]
+    hook = bigram_model.llm.register_forward_hook(lambda *args: cancelled[0].set())
+    try:
+        out = generate(bigram_model, PROMPTS[:2], [[pixels]] * 2, settings, cancelled=cancelled)
+    finally:
+        hook.remove()
+    assert out[0] is None and out[1] == generate(bigram_model, PROMPTS[1:2], [[pixels]], settings)[0]

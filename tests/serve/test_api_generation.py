@@ -4,6 +4,7 @@ client disconnects, over real HTTP on 127.0.0.1 with the tiny model."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -112,3 +113,41 @@ def test_generation_wall_time_limit_ends_with_length(serve_engine):
         content, finish, events = streamed(client, {**body, "stream_options": {"include_usage": True}})
         assert finish == "length" and content == plain["choices"][0]["message"]["content"]
         assert events[-1]["usage"]["completion_tokens"] == 1
+
+
+# ---------------------------------------------------------------- clients that leave
+
+
+def wait_for(condition, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_generation(serve_engine, stream):
+    """The client sends a request for 1800 tokens (which the tiny model does produce: no stop string
+    comes) and closes its connection once generation is under way; the row stops soon after, plain or
+    streamed, instead of running to its end."""
+    config = ServeConfig(model_name=MODEL, batch_wait_ms=2, max_tokens=1850, max_context=2000)
+    body = json.dumps(ask("Tell me everything.", max_tokens=1800, temperature=0, stream=stream)).encode()
+    calls: list[int] = []
+    hook = serve_engine.model.llm.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with running_server(serve_engine, config) as url:
+            health = lambda: httpx.get(f"{url}/health").json()  # noqa: E731
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                               + body)
+                assert wait_for(lambda: len(calls) >= 10)  # generating
+            assert wait_for(lambda: health()["running"] == 0)
+            stats = health()
+            assert stats["cancelled"] == 1 and stats["rows"] == 1
+            assert len(calls) < 1800  # stopped, not run to max_tokens
+    finally:
+        hook.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 from minigpt4.chat.generation import GenerationSettings
@@ -68,7 +69,7 @@ def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
 def test_incompatible_settings_are_not_batched(serve_engine):
     scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
-    other = GenerationSettings(max_new_tokens=3, do_sample=False)
+    other = GenerationSettings(max_new_tokens=6, do_sample=False, repetition_penalty=1.3)  # decodes differently
     jobs = [Job(prompt(serve_engine, "one"), [], GREEDY, collector.callback("1")),
             Job(prompt(serve_engine, "two"), [], other, collector.callback("2")),
             Job(prompt(serve_engine, "three"), [], GREEDY, collector.callback("3"))]
@@ -79,9 +80,47 @@ def test_incompatible_settings_are_not_batched(serve_engine):
     try:
         assert collector.done.wait(60)
         assert all(error is None for _, error in collector.results.values())
-        assert collector.results["2"][0][0].completion_tokens <= 3
         assert scheduler.stats()["batches"] == 2  # {one, three} together, {two} apart
     finally:
+        scheduler.close()
+
+
+def test_jobs_differing_in_max_tokens_and_stop_share_one_model_call(serve_engine):
+    """Rows with their own max_new_tokens and stop strings (plain and streamed) run in one generate
+    call, and each gets exactly the answer it gets alone: its own length, or its own stop."""
+    prompts = {name: prompt(serve_engine, f"Tell me about {name}, please.") for name in ("short", "long", "stop", "s")}
+    free = serve_engine.generate([prompts["stop"]], [[]], GREEDY.replace(max_new_tokens=12))[0]
+    # A letter pair the (random) answer reaches after a few tokens, after undecodable bytes that stay.
+    stop_at = re.findall("[A-Za-z]{2,}", free.text)[0][:2]
+    assert free.finish_reason == "length" and free.text.index(stop_at) > 0
+    settings = {"short": GREEDY.replace(max_new_tokens=2), "long": GREEDY.replace(max_new_tokens=11),
+                "stop": GREEDY.replace(max_new_tokens=12, stop=[stop_at]), "s": GREEDY.replace(max_new_tokens=4)}
+    alone = {name: serve_engine.generate([prompts[name]], [[]], settings[name])[0] for name in prompts}
+    assert alone["short"].completion_tokens == 2 and alone["long"].completion_tokens == 11
+    assert alone["short"].finish_reason == alone["long"].finish_reason == "length"
+    assert alone["stop"].finish_reason == "stop" and alone["stop"].completion_tokens < 11
+    assert alone["stop"].text == free.text[: free.text.index(stop_at)].strip()
+    assert alone["s"].completion_tokens == 4
+
+    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    collector = Collector()
+    collector.expected = 4
+    calls = []
+    hook = serve_engine.model.llm.register_forward_hook(lambda *args: calls.append(1))
+    pieces: list[str] = []
+    for name in ("short", "long", "stop"):
+        scheduler.submit(Job(prompts[name], [], settings[name], collector.callback(name)))
+    scheduler.submit(Job(prompts["s"], [], settings["s"], collector.callback("s"), on_delta=pieces.append))
+    scheduler.start()
+    try:
+        assert collector.done.wait(60)
+        for name in ("short", "long", "stop"):
+            assert collector.results[name] == ([alone[name]], None)
+        assert collector.results["s"] == (alone["s"], None) and "".join(pieces) == alone["s"].text
+        assert scheduler.stats()["batches"] == 1 and scheduler.stats()["rows"] == 4
+        assert len(calls) == 11  # one generate, as long as its longest row
+    finally:
+        hook.remove()
         scheduler.close()
 
 

@@ -5,8 +5,10 @@ here) give token ids and image positions, `MiniGPT4.encode_images` the image emb
 `MiniGPT4.embed` writes them in. Decoding is transformers' `generate(inputs_embeds=...,
 attention_mask=...)` with a KV cache; our own stopping criterion ends each row at its stop strings
 (any tokenization of them) and at EOS, and finds where the generated ids start, whatever the
-transformers version returns in front of them. Streaming is a streamer that gets every step's
-(B,) new ids and hands each row's settled text on, so a batch of streams shares one `generate`.
+transformers version returns in front of them. Rows of one call may differ in `max_new_tokens` and
+`stop` (the server batches requests that differ only there): the same criterion ends each row at
+its own length and stop strings while the others go on. Streaming is a streamer that gets every
+step's (B,) new ids and hands each row's settled text on, so a batch of streams shares one `generate`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ class GenerationSettings:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"GenerationSettings.stop must hold non-empty strings, got {self.stop!r}")
 
+    def shared(self) -> tuple:
+        """What one `generate` call shares across its rows: every setting but `max_new_tokens` and
+        `stop`, which each row may have its own of (under beam search, which settles rows only at the
+        end, everything)."""
+        per_row = () if self.num_beams > 1 else ("max_new_tokens", "stop")
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in per_row)
+
     def replace(self, **changes) -> GenerationSettings:
         """A copy with `changes` applied; unknown names are an error that lists the valid ones."""
         names = {f.name for f in dataclasses.fields(self)}
@@ -86,6 +95,22 @@ class GenerationSettings:
         if unknown:
             raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
         return dataclasses.replace(self, **changes)
+
+
+Settings = GenerationSettings | Sequence[GenerationSettings]  # one for every row, or one per row
+
+
+def _row_settings(settings: Settings | None, count: int) -> list[GenerationSettings]:
+    """Per row its settings; rows must agree on everything `GenerationSettings.shared` names."""
+    if settings is None or isinstance(settings, GenerationSettings):
+        return [settings or GenerationSettings()] * count
+    rows = list(settings)
+    if len(rows) != count:
+        raise ValueError(f"got {count} prompts but settings for {len(rows)}")
+    if any(row.shared() != rows[0].shared() for row in rows):
+        raise ValueError("the rows of one generate call may differ only in max_new_tokens and stop "
+                         "(and not at all under beam search)")
+    return rows
 
 
 @dataclass
@@ -173,34 +198,55 @@ def _stop_string_criteria(tokenizer: PreTrainedTokenizerBase, stops: tuple[str, 
     return StopStringCriteria(tokenizer, list(stops))
 
 
-class StopCriteria(StoppingCriteria):
-    """Ends each row (or beam) on its own when its generated text reaches a stop string.
+@dataclass(frozen=True)
+class RowLimits:
+    """What ends one row: its text stop strings, the token ids that end it, and its new-token budget."""
 
-    Matching is transformers' `StopStringCriteria`, which works on the tokenizer's vocabulary: it
-    finds a stop string however the tokens split it, also inside one token, and answers per row.
-    The first call also records how many ids `generate` put in front of the new tokens (none in
-    transformers 5 for `inputs_embeds`, a dummy BOS in older versions). A row whose `cancelled`
-    event is set ends at the next step (a streaming client went away).
+    stops: tuple[str, ...]
+    stop_ids: tuple[int, ...]
+    max_new_tokens: int
+
+
+class StopCriteria(StoppingCriteria):
+    """Ends each row (and its beams) on its own: at a stop string, a stop token id, its token budget,
+    or when its `cancelled` event is set (its client went away).
+
+    Stop strings are matched by transformers' `StopStringCriteria`, which works on the tokenizer's
+    vocabulary: it finds a stop string however the tokens split it, also inside one token (one
+    instance per distinct stop list, run on the rows that have it). The first call also records how
+    many ids `generate` put in front of the new tokens (none in transformers 5 for `inputs_embeds`, a
+    dummy BOS in older versions).
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], cancelled: Sequence[threading.Event] = ()
+        self, tokenizer: PreTrainedTokenizerBase, rows: Sequence[RowLimits], cancelled: Sequence[threading.Event] = ()
     ):
-        self.stops = list(stops)
+        self.rows = list(rows)
         self.prefix_length: int | None = None
         self.cancelled = list(cancelled)
-        self._strings = _stop_string_criteria(tokenizer, tuple(self.stops)) if self.stops else None
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for index, row in enumerate(self.rows):
+            if row.stops:
+                groups.setdefault(row.stops, []).append(index)
+        self._strings = [(_stop_string_criteria(tokenizer, stops), members) for stops, members in groups.items()]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         if self.prefix_length is None:
             self.prefix_length = input_ids.shape[1] - 1
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, event in enumerate(self.cancelled):
-            if event.is_set():
-                done[row] = True
-        if self._strings is not None:
-            done |= self._strings(input_ids, scores)
-        return done
+        generated = input_ids.shape[1] - self.prefix_length
+        beams = input_ids.shape[0] // len(self.rows)  # a row's beams are consecutive
+        done = []
+        for index, token_id in enumerate(input_ids[:, -1].tolist()):
+            row = index // beams
+            limits = self.rows[row]
+            done.append(generated >= limits.max_new_tokens or token_id in limits.stop_ids
+                        or (row < len(self.cancelled) and self.cancelled[row].is_set()))
+        result = torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        for criteria, members in self._strings:
+            index = torch.tensor([row * beams + beam for row in members for beam in range(beams)],
+                                 device=input_ids.device)
+            result[index] |= criteria(input_ids[index], scores)
+        return result
 
 
 def finish(
@@ -264,17 +310,33 @@ def _generation_config(
     )
 
 
-def _new_token_budget(prepared: PreparedInputs, settings: GenerationSettings) -> int:
-    length = prepared.inputs_embeds.shape[1]
-    room = settings.max_context - length
-    if room < 1:
-        raise ValueError(
-            f"the prompt takes {length} tokens, which leaves no room under max_context={settings.max_context}; "
-            "shorten the prompt or raise max_context"
-        )
-    if room < settings.max_new_tokens:
-        log.info("max_new_tokens lowered from %d to %d to stay within max_context", settings.max_new_tokens, room)
-    return min(settings.max_new_tokens, room)
+def _row_limits(
+    model, rows: Sequence[GenerationSettings], prompt_tokens: Sequence[int], template_stops: Sequence[str]
+) -> list[RowLimits]:
+    """Per row: its stop strings and ids (the template's plus its own) and its budget under max_context.
+
+    Positions are counted per row (left padding does not move them), so each row's room is its own
+    max_context minus its own prompt.
+    """
+    tokenizer = model.tokenizer
+    # The LLM's own end-of-turn ids too (Llama-3 style models list more than the tokenizer's EOS).
+    configured = getattr(model.llm.generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    limits = []
+    for settings, length in zip(rows, prompt_tokens, strict=True):
+        every = list(template_stops) + list(settings.stop)
+        ids = stop_token_ids(tokenizer, every)
+        ids += [token_id for token_id in configured if token_id not in ids]
+        room = settings.max_context - length
+        if room < 1:
+            raise ValueError(
+                f"the prompt takes {length} tokens, which leaves no room under max_context={settings.max_context}; "
+                "shorten the prompt or raise max_context"
+            )
+        if room < settings.max_new_tokens:
+            log.info("max_new_tokens lowered from %d to %d to stay within max_context", settings.max_new_tokens, room)
+        limits.append(RowLimits(tuple(text_stops(tokenizer, every)), tuple(ids), min(settings.max_new_tokens, room)))
+    return limits
 
 
 class _Seeded:
@@ -296,8 +358,12 @@ class _Seeded:
 
 
 def _run_generate(model, prepared: PreparedInputs, settings: GenerationSettings, criteria: StopCriteria,
-                  eos_ids: list[int], streamer: BaseStreamer | None = None) -> torch.Tensor:
-    config = _generation_config(model, settings, _new_token_budget(prepared, settings), eos_ids)
+                  streamer: BaseStreamer | None = None) -> torch.Tensor:
+    """One `generate` over the batch; `settings` holds what the rows share, `criteria` what is per row."""
+    rows = criteria.rows
+    # Ids every row stops on go to transformers too; the others are the criterion's alone.
+    common = [token_id for token_id in rows[0].stop_ids if all(token_id in row.stop_ids for row in rows)]
+    config = _generation_config(model, settings, max(row.max_new_tokens for row in rows), common)
     # transformers warns (once) that a repetition penalty sees only the generated tokens when the
     # prompt comes as embeddings: that is intended, the original behaves the same way.
     with torch.inference_mode(), _Seeded(settings.seed, model.device):
@@ -310,37 +376,38 @@ def _run_generate(model, prepared: PreparedInputs, settings: GenerationSettings,
         )
 
 
-def _stops(model, settings: GenerationSettings, template_stops: Sequence[str]) -> tuple[list[str], list[int]]:
-    """(text stop strings, stop token ids) for one call."""
-    every = list(template_stops) + list(settings.stop)
-    ids = stop_token_ids(model.tokenizer, every)
-    # The LLM's own end-of-turn ids too (Llama-3 style models list more than the tokenizer's EOS).
-    configured = getattr(model.llm.generation_config, "eos_token_id", None)
-    for token_id in [configured] if isinstance(configured, int) else configured or []:
-        if token_id not in ids:
-            ids.append(token_id)
-    return text_stops(model.tokenizer, every), ids
+def _cancel_events(cancelled: Sequence[threading.Event] | None, count: int) -> list[threading.Event]:
+    events = list(cancelled) if cancelled is not None else [threading.Event() for _ in range(count)]
+    if len(events) != count:
+        raise ValueError(f"got {count} prompts but cancel events for {len(events)}")
+    return events
 
 
 def generate_from_embeds(
     model,
     prompts: Sequence[str],
     image_embeds: Sequence[torch.Tensor],
-    settings: GenerationSettings,
+    settings: Settings,
     *,
+    cancelled: Sequence[threading.Event] | None = None,
     template_stops: Sequence[str] = (),
     add_bos: bool = True,
-) -> list[Completion]:
+) -> list[Completion | None]:
     """`generate` for images already encoded with `encode_images` (cache them across turns)."""
+    rows = _row_settings(settings, len(prompts))
+    events = _cancel_events(cancelled, len(prompts))
     with torch.inference_mode():
         prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
-    stops, eos_ids = _stops(model, settings, template_stops)
-    criteria = StopCriteria(model.tokenizer, stops)
-    sequences = _run_generate(model, prepared, settings, criteria, eos_ids)
+    limits = _row_limits(model, rows, prepared.prompt_tokens, template_stops)
+    criteria = StopCriteria(model.tokenizer, limits, events)
+    sequences = _run_generate(model, prepared, rows[0], criteria)
     new_ids = sequences[:, criteria.prefix_length:].tolist()  # (B, T) generated ids, finished rows padded
-    completions = []
-    for ids, prompt_tokens in zip(new_ids, prepared.prompt_tokens, strict=True):
-        text, count, reason = finish(model.tokenizer, ids, stops, eos_ids)
+    completions: list[Completion | None] = []
+    for ids, row, prompt_tokens, event in zip(new_ids, limits, prepared.prompt_tokens, events, strict=True):
+        if event.is_set():
+            completions.append(None)
+            continue
+        text, count, reason = finish(model.tokenizer, ids[: row.max_new_tokens], row.stops, row.stop_ids)
         completions.append(Completion(text, prompt_tokens, count, reason))
     return completions
 
@@ -349,27 +416,33 @@ def generate(
     model,
     prompts: Sequence[str],
     images: Sequence[Sequence[torch.Tensor]],
-    settings: GenerationSettings | None = None,
+    settings: Settings | None = None,
     *,
+    cancelled: Sequence[threading.Event] | None = None,
     template_stops: Sequence[str] = (),
     add_bos: bool = True,
-) -> list[Completion]:
-    """Answer a batch of prompts (left padding, KV cache); every row stops at its own stop strings.
+) -> list[Completion | None]:
+    """Answer a batch of prompts (left padding, KV cache); every row stops at its own stop strings and length.
 
     Args:
         model: a `MiniGPT4`.
         prompts: rendered prompts, one `<ImageHere>` per image (see `minigpt4.chat.templates`).
         images: per prompt, its (3, H, W) pixel tensors in placeholder order.
-        settings: decoding settings; `settings.stop` adds to `template_stops`.
+        settings: decoding settings, one for all rows or one per row (rows may differ only in
+            `max_new_tokens` and `stop`; see `GenerationSettings.shared`); `stop` adds to `template_stops`.
+        cancelled: per row an event; setting it (a client went away) ends that row at the next step.
         template_stops: the conversation template's stop strings (`template.stop`).
         add_bos: prepend BOS (`template.add_bos`; always true in training).
+
+    Returns:
+        Per row its Completion; None only for a row whose `cancelled` event was set.
     """
-    settings = settings or GenerationSettings()
     if len(images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but image lists for {len(images)}")
     with torch.inference_mode():
         image_embeds = encode_images(model, images)
-    return generate_from_embeds(model, prompts, image_embeds, settings, template_stops=template_stops, add_bos=add_bos)
+    return generate_from_embeds(model, prompts, image_embeds, settings or GenerationSettings(), cancelled=cancelled,
+                                template_stops=template_stops, add_bos=add_bos)
 
 
 # ------------------------------------------------------------------------------------ streaming
@@ -387,17 +460,18 @@ def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
 class _RowText:
     """One row's answer as its ids arrive: hands out the text that later tokens cannot change."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], eos_ids: Sequence[int], byte_ids: frozenset[int]
-    ):
-        self.tokenizer, self.stops, self.eos_ids, self.byte_ids = tokenizer, stops, eos_ids, byte_ids
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: RowLimits, byte_ids: frozenset[int]):
+        self.tokenizer, self.byte_ids = tokenizer, byte_ids
+        self.stops, self.eos_ids, self.max_new_tokens = limits.stops, limits.stop_ids, limits.max_new_tokens
         self.ids: list[int] = []
         self.emitted = ""
-        self.done = False  # a stop string or EOS was reached: later ids (padding) are not part of it
+        # A stop string or id, or the row's budget, was reached: later ids (padding) are not part of it.
+        self.done = False
 
     def add(self, token_id: int) -> str:
         """Take one new id; return the text it settled (often empty)."""
         self.ids.append(token_id)
+        self.done = len(self.ids) >= self.max_new_tokens  # the rest is handed out by `close`
         text, _, reason = finish(self.tokenizer, self.ids, self.stops, self.eos_ids)
         if reason == "stop":
             self.done = True
@@ -455,7 +529,7 @@ def stream_batch_from_embeds(
     model,
     prompts: Sequence[str],
     image_embeds: Sequence[torch.Tensor],
-    settings: GenerationSettings,
+    settings: Settings,
     on_delta: Callable[[int, str], None],
     *,
     cancelled: Sequence[threading.Event] | None = None,
@@ -463,25 +537,25 @@ def stream_batch_from_embeds(
     add_bos: bool = True,
 ) -> list[Completion | None]:
     """`stream_batch` for images already encoded with `encode_images`."""
-    cancelled = list(cancelled) if cancelled is not None else [threading.Event() for _ in prompts]
-    if len(cancelled) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but cancel events for {len(cancelled)}")
-    if settings.num_beams > 1:
+    settings_rows = _row_settings(settings, len(prompts))
+    cancelled = _cancel_events(cancelled, len(prompts))
+    if settings_rows[0].num_beams > 1:
         # Beams are only settled at the end, so there is nothing to stream before that.
         completions = generate_from_embeds(
-            model, prompts, image_embeds, settings, template_stops=template_stops, add_bos=add_bos
+            model, prompts, image_embeds, settings_rows, cancelled=cancelled, template_stops=template_stops,
+            add_bos=add_bos,
         )
         for row, completion in enumerate(completions):
-            if completion.text and not cancelled[row].is_set():
+            if completion is not None and completion.text:
                 on_delta(row, completion.text)
-        return [None if event.is_set() else c for c, event in zip(completions, cancelled, strict=True)]
+        return completions
     with torch.inference_mode():
         prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
-    stops, eos_ids = _stops(model, settings, template_stops)
+    limits = _row_limits(model, settings_rows, prepared.prompt_tokens, template_stops)
     byte_ids = _byte_token_ids(model.tokenizer)
-    rows = [_RowText(model.tokenizer, stops, eos_ids, byte_ids) for _ in prompts]
-    criteria = StopCriteria(model.tokenizer, stops, cancelled)
-    _run_generate(model, prepared, settings, criteria, eos_ids, _RowsStreamer(rows, on_delta, cancelled))
+    rows = [_RowText(model.tokenizer, row_limits, byte_ids) for row_limits in limits]
+    criteria = StopCriteria(model.tokenizer, limits, cancelled)
+    _run_generate(model, prepared, settings_rows[0], criteria, _RowsStreamer(rows, on_delta, cancelled))
     completions: list[Completion | None] = []
     for index, (row, prompt_tokens) in enumerate(zip(rows, prepared.prompt_tokens, strict=True)):
         if cancelled[index].is_set():
@@ -498,14 +572,15 @@ def stream_batch(
     model,
     prompts: Sequence[str],
     images: Sequence[Sequence[torch.Tensor]],
-    settings: GenerationSettings | None,
+    settings: Settings | None,
     on_delta: Callable[[int, str], None],
     *,
     cancelled: Sequence[threading.Event] | None = None,
     template_stops: Sequence[str] = (),
     add_bos: bool = True,
 ) -> list[Completion | None]:
-    """Answer a batch of prompts as `generate` does, handing out each row's text as it is generated.
+    """Answer a batch of prompts as `generate` does (per-row settings too), handing out each row's text as it
+    is generated.
 
     Runs in the calling thread: `on_delta(row, text)` is called from it after each decoding step
     for every row that settled new text, and once more at the end with any held-back rest, so each
@@ -516,13 +591,12 @@ def stream_batch(
     Returns:
         Per row its Completion, or None for a row whose `cancelled` event was set.
     """
-    settings = settings or GenerationSettings()
     if len(images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but image lists for {len(images)}")
     with torch.inference_mode():
         image_embeds = encode_images(model, images)
     return stream_batch_from_embeds(
-        model, prompts, image_embeds, settings, on_delta,
+        model, prompts, image_embeds, settings or GenerationSettings(), on_delta,
         cancelled=cancelled, template_stops=template_stops, add_bos=add_bos,
     )
 

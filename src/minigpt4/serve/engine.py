@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from minigpt4.chat import generation
-from minigpt4.chat.generation import Completion, GenerationSettings
+from minigpt4.chat.generation import Completion, Settings
 from minigpt4.chat.templates import Message, get_template
 from minigpt4.model.minigpt4 import MiniGPT4
 from minigpt4.processing.image import eval_transform
@@ -104,12 +104,15 @@ class ModelEngine:
         """(3, H, W) normalised pixels, the eval transform the model was trained with."""
         return self.transform(image)
 
-    def generate(self, prompts: list[str], images: list[list[torch.Tensor]], settings: GenerationSettings) -> list[Completion]:
-        return generation.generate(self.model, prompts, images, settings,
-                        template_stops=self.template.stop, add_bos=self.template.add_bos)
+    def generate(
+        self, prompts: list[str], images: list[list[torch.Tensor]], settings: Settings,
+        cancelled: list[threading.Event] | None = None,
+    ) -> list[Completion | None]:
+        return generation.generate(self.model, prompts, images, settings, cancelled=cancelled,
+                                   template_stops=self.template.stop, add_bos=self.template.add_bos)
 
     def stream_batch(
-        self, prompts: list[str], images: list[list[torch.Tensor]], settings: GenerationSettings,
+        self, prompts: list[str], images: list[list[torch.Tensor]], settings: Settings,
         on_delta: Callable[[int, str], None], cancelled: list[threading.Event],
     ) -> list[Completion | None]:
         return generation.stream_batch(self.model, prompts, images, settings, on_delta, cancelled=cancelled,

@@ -3,13 +3,14 @@
 The model is not thread-safe and one forward over B rows costs far less than B forwards, so every
 request becomes a `Job` in a bounded queue. The worker takes the oldest job, waits at most
 `max_wait_s` (counted from that job's arrival) for compatible jobs — the same generation
-settings, since one `generate` call shares them — and runs up to `max_batch_size` rows at once.
+settings, since one `generate` call shares them, except `max_new_tokens` and stop strings, which
+each row has its own of — and runs up to `max_batch_size` rows at once.
 Streamed jobs are batched the same way (with each other and with plain jobs): a batch holding a
 stream runs through the batched streamer, which hands every row its text as it is generated. A full
 queue refuses new jobs (`QueueFull`), which the API answers 429 with Retry-After. A cancelled job
-(client gone) leaves the queue at once; in a running streamed batch its rows stop at the next
-token. If a batch fails, its jobs are rerun one by one (those that have not streamed text yet), so
-one bad request cannot fail the others.
+(client gone) leaves the queue at once; in a running batch, streamed or not, its rows stop at the
+next token while the others go on. If a batch fails, its jobs are rerun one by one (those that have
+not streamed text yet), so one bad request cannot fail the others.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from minigpt4.chat.generation import GenerationSettings
+
 log = logging.getLogger(__name__)
 
-GenerateFn = Callable[[list[str], list[list[Any]], Any], list[Any]]
-# stream_fn(prompts, images, settings, on_delta(row, text), cancelled events per row) -> per row a
-# completion, or None for a row whose event was set (`minigpt4.chat.generation.stream_batch`).
-StreamFn = Callable[[list[str], list[list[Any]], Any, Callable[[int, str], None], list[threading.Event]], list[Any]]
+# generate_fn(prompts, images, settings per row, cancelled events per row) -> per row a completion, or
+# None for a row whose event was set (`minigpt4.chat.generation.generate`).
+GenerateFn = Callable[[list[str], list[list[Any]], list[GenerationSettings], list[threading.Event]], list[Any]]
+# stream_fn(prompts, images, settings per row, on_delta(row, text), cancelled events per row) -> the same,
+# handing each row its text as it is generated (`minigpt4.chat.generation.stream_batch`).
+StreamFn = Callable[
+    [list[str], list[list[Any]], list[GenerationSettings], Callable[[int, str], None], list[threading.Event]],
+    list[Any],
+]
 
 
 class QueueFull(Exception):
@@ -53,7 +61,7 @@ class Job:
 
     prompt: str
     images: list[Any]
-    settings: Any
+    settings: GenerationSettings
     on_done: Callable[[Any, BaseException | None], None]
     n: int = 1
     on_delta: Callable[[str], None] | None = None
@@ -66,7 +74,7 @@ class Job:
         return self.on_delta is not None
 
     def batchable_with(self, other: "Job") -> bool:
-        return not (self.alone or other.alone) and self.settings == other.settings
+        return not (self.alone or other.alone) and self.settings.shared() == other.settings.shared()
 
 
 class BatchScheduler:
@@ -136,7 +144,7 @@ class BatchScheduler:
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: drop the job if it still waits; in a running streamed batch its rows stop."""
+        """The client is gone: drop the job if it still waits; in a running batch its rows stop at the next token."""
         job.cancelled.set()
         with self._cond:
             try:
@@ -196,8 +204,10 @@ class BatchScheduler:
         owners = [job for job in jobs for _ in range(job.n)]  # the job of each row
         prompts = [job.prompt for job in owners]
         images = [job.images for job in owners]
+        settings = [job.settings for job in owners]
+        cancelled = [job.cancelled for job in owners]
         if not any(job.stream for job in jobs):
-            completions = self._generate(prompts, images, jobs[0].settings)
+            completions = self._generate(prompts, images, settings, cancelled)
         else:
             def on_delta(row: int, text: str) -> None:
                 job = owners[row]
@@ -205,7 +215,7 @@ class BatchScheduler:
                     streamed.add(job)
                     job.on_delta(text)
 
-            completions = self._stream(prompts, images, jobs[0].settings, on_delta, [job.cancelled for job in owners])
+            completions = self._stream(prompts, images, settings, on_delta, cancelled)
         if len(completions) != len(prompts):
             raise RuntimeError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
         return completions
