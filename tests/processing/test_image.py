@@ -182,3 +182,9 @@ def test_devices_fifos_and_directories_are_refused_unread(tmp_path, kind):
     assert "\n" not in str(error)
     with pytest.raises(ImageError, match=re.escape(phrase)):
         read_image_file(path)
+
+
+def test_a_path_through_a_file_is_an_image_error_not_an_os_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(ImageError, match="Not a directory"):
+        load_image(tmp_path / "file" / "cat.jpg")

@@ -99,7 +99,7 @@ def _file_kind(mode: int) -> str:
         return "a device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    return "not a regular file"
+    return "an unusual file"
 
 
 def check_image_file(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None) -> int:
@@ -107,11 +107,16 @@ def check_image_file(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES, name: s
 
     Raises:
         FileNotFoundError: there is nothing at `path`.
-        ImageError: a directory, FIFO, device or socket (reading one would block or never end).
+        ImageError: a directory, FIFO, device or socket (reading one would block or never end), or no access.
         ImageTooLarge: over `max_bytes`.
     """
     label = name or str(path)
-    info = os.stat(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # no permission, a file used as a folder in the path, a name too long
+        raise ImageError(f"cannot read image {label}: {err.strerror or err}") from err
     return _checked_size(info, label, max_bytes)
 
 
