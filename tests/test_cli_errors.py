@@ -115,12 +115,14 @@ def test_bad_input_is_one_error_line_and_status_2(argv, places, tmp_path, monkey
     assert "Traceback" not in err
 
 
-def test_no_model_names_the_ways_to_get_one(photo, tmp_path, capsys):
+def test_no_model_names_the_ways_to_get_one(photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINIGPT4_CACHE", str(tmp_path / "cache"))  # empty: no fetched minigpt4-7b
+    monkeypatch.chdir(tmp_path)  # no ./quickstart/model
     photo.save(tmp_path / "photo.jpg")
     assert main(["chat", "--image", str(tmp_path / "photo.jpg"), "what is this?"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no model given")
-    for way in ("minigpt4 quickstart", "--checkpoint quickstart/model", "--checkpoint DIR", "--preset minigpt4-7b",
+    for way in ("minigpt4 quickstart", "./quickstart/model", "--checkpoint DIR", "minigpt4 fetch minigpt4-7b",
                 "--preset tiny"):
         assert way in err, way
 

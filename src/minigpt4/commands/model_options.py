@@ -30,6 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "demo)")
     group.add_argument("--config", type=Path, help="a model YAML file (applied over the preset, default minigpt4-13b)")
     group.add_argument("--checkpoint", type=Path, help="a folder written by save_pretrained (replaces preset weights)")
+    group.add_argument("--no-fetch", action="store_true",
+                       help="never download: a released file missing from the cache is an error (MINIGPT4_OFFLINE=1)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, greedy_default: bool = False) -> None:
@@ -105,11 +107,12 @@ def split_overrides(items: list[str], keep: Callable[[str], bool] = lambda item:
 
 # The dataclass defaults are the released 13B model; a --config or --checkpoint without --preset starts from them.
 BASE_PRESET = "minigpt4-13b"
+DEFAULT_PRESET = "minigpt4-7b"
+QUICKSTART_MODEL = Path("quickstart/model")
 NO_MODEL = (
-    "no model given (--preset, --checkpoint or --config). Train the small CPU model in minutes with "
-    "`minigpt4 quickstart`, then pass `--checkpoint quickstart/model`; or `--checkpoint DIR` for a folder written by "
-    "save_pretrained; or `--preset minigpt4-7b` with the released files (weights.vit=eva_vit_g.pth "
-    "weights.blip2=blip2_pretrained_flant5xxl.pth weights.projection=prerained_minigpt4_7b.pth llm.path=VICUNA_DIR); "
+    "no model given and none found (no complete minigpt4-7b in the cache, no ./quickstart/model): "
+    "`minigpt4 fetch minigpt4-7b` downloads the released 7B model (~16 GB); `minigpt4 quickstart` trains a small "
+    "CPU model in minutes into ./quickstart/model; or pass `--checkpoint DIR` (a folder written by save_pretrained). "
     "`--preset tiny` runs random weights (a plumbing demo)"
 )
 
@@ -117,11 +120,37 @@ NO_MODEL = (
 def choose_default_model(args: argparse.Namespace) -> None:
     """The default-model rule, in one place: fill in `args.preset`/`args.checkpoint` when no model option is given.
 
-    Today there is no default: without `--preset`, `--checkpoint` or `--config` the command ends with
-    the ways to get a model (never silently random weights).
+    In order: `--checkpoint` (or any model option) as given; the released 7B model when it is complete in the
+    cache; `./quickstart/model` when it exists (said on stderr); otherwise an error listing the three ways to
+    get a model. Never silently random weights.
     """
-    if args.preset is None and args.checkpoint is None and args.config is None:
+    if args.preset is not None or args.checkpoint is not None or args.config is not None:
+        return
+    from minigpt4.hub.fetch import preset_cached
+
+    if preset_cached(DEFAULT_PRESET):
+        args.preset = DEFAULT_PRESET
+        print(f"no model given: using {DEFAULT_PRESET} from the cache", file=sys.stderr, flush=True)
+    elif QUICKSTART_MODEL.is_dir():
+        args.checkpoint = QUICKSTART_MODEL
+        print(f"no model given: using ./{QUICKSTART_MODEL} (the model `minigpt4 quickstart` trained)",
+              file=sys.stderr, flush=True)
+    else:
         raise CommandError(NO_MODEL)
+
+
+def fill_released_files(cfg, preset: str, no_fetch: bool, roles: tuple[str, ...] | None = None) -> None:
+    """Empty weight paths of a released preset come from the cache, fetched on first use (see hub.fetch)."""
+    from minigpt4.hub.fetch import ROLE_FIELDS, DownloadError, fill_from_cache
+    from minigpt4.hub.sources import PRESETS
+
+    if preset not in PRESETS:
+        return
+    try:
+        fill_from_cache(cfg, preset, allow_fetch=not no_fetch, roles=roles or tuple(ROLE_FIELDS),
+                        report=lambda line: print(line, file=sys.stderr, flush=True))
+    except DownloadError as err:
+        raise CommandError(str(err)) from None
 
 
 def model_config_from_args(args: argparse.Namespace, overrides: list[str]):
@@ -142,7 +171,9 @@ def model_config_from_args(args: argparse.Namespace, overrides: list[str]):
     check_device(cfg.device)
     if args.checkpoint is not None:
         cfg.weights.pretrained = str(args.checkpoint)
-    elif not cfg.llm.path and args.preset == "tiny":
+    elif args.preset is not None:  # a released preset named (or chosen by default), not only implied by --config
+        fill_released_files(cfg, args.preset, args.no_fetch)
+    if args.checkpoint is None and not cfg.llm.path and args.preset == "tiny":
         from minigpt4.model.tiny import prepare_tiny_llm
 
         cfg.llm.path = str(prepare_tiny_llm())

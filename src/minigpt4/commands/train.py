@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from minigpt4.commands.model_options import fill_released_files
 from minigpt4.commands.paths import check_output_folder
 
 
@@ -28,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)  # one console voice: rank 0 (others warn only)
     # Input errors (ConfigError, CheckpointError, a missing path) end as one `error:` line in minigpt4.cli.
     cfg = train_config(args.config, args.overrides)
+    # Empty frozen-part paths of a released preset come from the cache (fetched on first use by a single
+    # process; under torchrun every rank only reads the cache). The projection is never filled: it is trained.
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    fill_released_files(cfg.model, cfg.preset, no_fetch=not single, roles=("vit", "blip2", "llm"))
     check_device(cfg.model.device)
     check_output_folder(Path(cfg.train.output_dir), "train.output_dir")
     try:

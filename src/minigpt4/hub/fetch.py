@@ -125,7 +125,8 @@ def _hub_error(source: Source, err: Exception, offline: bool) -> DownloadError:
     elif isinstance(err, LocalEntryNotFoundError) and offline:
         why = f"{where} is not in the Hugging Face cache and downloads are off (offline mode)"
     else:
-        why = f"cannot download {where}: {str(err).splitlines()[0]}"
+        detail = (str(err).splitlines() or [""])[0]
+        why = f"cannot download {where} ({type(err).__name__}: {detail}; no network?)"
     return DownloadError(f"{source.filename}: {why}; download it by hand (`hf download {source.location}`"
                          f"{' --repo-type space' if source.repo_type == 'space' else ''}) or pass its path")
 
@@ -133,7 +134,6 @@ def _hub_error(source: Source, err: Exception, offline: bool) -> DownloadError:
 def _hub_snapshot(source: Source, offline: bool) -> tuple[Path, list[Path]]:
     """(the path to use, its files) of a Hub source, downloaded unless `offline`."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         if source.filename and source.repo_type == "space":
@@ -147,7 +147,7 @@ def _hub_snapshot(source: Source, offline: bool) -> tuple[Path, list[Path]]:
             patterns = _HUB_ALWAYS + _HUB_WEIGHTS[fmt]
         folder = Path(snapshot_download(source.location, repo_type=source.repo_type, allow_patterns=patterns,
                                         local_files_only=offline))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+    except Exception as err:  # the Hub's own errors and its HTTP client's (no network) share no base class
         raise _hub_error(source, err, offline) from None
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not any(p.suffix in (".safetensors", ".bin") for p in files):
@@ -254,3 +254,37 @@ def describe(sources: list[Source]) -> str:
     total = sum(s.approx_bytes for s in sources)
     parts = ", ".join(f"{s.filename} (~{human_size(s.approx_bytes)})" for s in sources)
     return f"{len(sources)} file(s), ~{human_size(total)}: {parts}"
+
+
+# role -> (config section, field) the role's file fills in a ModelConfig
+ROLE_FIELDS = {"vit": ("weights", "vit"), "blip2": ("weights", "blip2"), "projection": ("weights", "projection"),
+               "llm": ("llm", "path")}
+
+
+def preset_cached(preset: str, cache: Path | None = None) -> bool:
+    """Every file of `preset` is in the cache and unchanged since it was verified (no network, no hashing)."""
+    fetcher = Fetcher(cache)
+    return all(fetcher.cached(key) is not None for key in preset_sources(preset).values())
+
+
+def fill_from_cache(cfg, preset: str, *, allow_fetch: bool, report: Report,
+                    roles: tuple[str, ...] = tuple(ROLE_FIELDS)) -> list[str]:
+    """Point every empty weight path of `cfg` (a ModelConfig) among `roles` at `preset`'s released file.
+
+    Files not in the cache are fetched after one line that says what and how many GB, or, when
+    `allow_fetch` is false (`--no-fetch`, `MINIGPT4_OFFLINE=1`), taken only from the caches, else an
+    error naming the file and where it goes. Returns the roles filled.
+    """
+    wanted = {role: key for role, key in preset_sources(preset).items()
+              if role in roles and not getattr(getattr(cfg, ROLE_FIELDS[role][0]), ROLE_FIELDS[role][1])}
+    if not wanted:
+        return []
+    fetcher = Fetcher(offline=not allow_fetch, report=report)
+    missing = [SOURCES[key] for key in wanted.values() if fetcher.cached(key) is None]
+    if missing and not fetcher.offline:
+        report(f"{preset}: first use, fetching {describe(missing)} into {fetcher.cache} "
+               f"(`minigpt4 fetch {preset}` does the same; --no-fetch turns this off)")
+    for role, key in wanted.items():
+        section, name = ROLE_FIELDS[role]
+        setattr(getattr(cfg, section), name, str(fetcher.fetch(SOURCES[key])))
+    return list(wanted)
