@@ -95,8 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: under `python -m` this file is `__main__`, and commands raise
-    # `minigpt4.cli.CommandError`, a different class from `__main__.CommandError`.
-    from minigpt4.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from minigpt4.cli import CommandError
+from minigpt4.commands import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt4.cli import CommandError
+from minigpt4.commands import CommandError
 from minigpt4.hub.sources import PRESETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", choices=list(PRESETS), help="the released model to fetch")
     parser.add_argument("--verify", action="store_true",
-                        help="hash every file again (not only size and mtime) against the manifest and the server")
+                        help="hash every file again (not only size and mtime) against the recorded sha256 and, for "
+                        "Hub files, the Hub's hash")
 
 
 def run(args: argparse.Namespace) -> int:

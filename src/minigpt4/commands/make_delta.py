@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minigpt4.cli import CommandError
+from minigpt4.commands import CommandError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from minigpt4.chat.defaults import DECODING_FIELDS, ChatDefaults
 from minigpt4.chat.generation import GenerationSettings
 from minigpt4.chat.templates import TEMPLATE_NAMES
 from minigpt4.commands import CommandError
+from minigpt4.hub.sources import released_size
 
 # `section.key=value`: how an override differs from a question or a path among positional arguments.
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
@@ -111,7 +112,8 @@ DEFAULT_PRESET = "minigpt4-7b"
 QUICKSTART_MODEL = Path("quickstart/model")
 NO_MODEL = (
     "no model given and none found (no complete minigpt4-7b in the cache, no ./quickstart/model): "
-    "`minigpt4 fetch minigpt4-7b` downloads the released 7B model (~16 GB); `minigpt4 quickstart` trains a small "
+    f"`minigpt4 fetch minigpt4-7b` downloads the released 7B model (~{released_size(DEFAULT_PRESET)}); "
+    "`minigpt4 quickstart` trains a small "
     "CPU model in minutes into ./quickstart/model; or pass `--checkpoint DIR` (a folder written by save_pretrained). "
     "`--preset tiny` runs random weights (a plumbing demo)"
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from minigpt4.embedded import default_cache_dir
 from minigpt4.hub.http import DownloadError, HttpSettings, download
-from minigpt4.hub.sources import GB, PRESETS, SOURCES, Source
+from minigpt4.hub.sources import PRESETS, SOURCES, Source, human_size
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,6 @@ def preset_sources(preset: str) -> dict[str, str]:
     if preset not in PRESETS:
         raise DownloadError(f"unknown preset {preset!r} to fetch; choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]
-
-
-def human_size(size: int) -> str:
-    return f"{size / GB:.1f} GB" if size >= GB // 10 else f"{size / 1e6:.0f} MB"
 
 
 def describe(sources: list[Source]) -> str:

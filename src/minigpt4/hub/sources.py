@@ -86,3 +86,12 @@ PRESETS: dict[str, dict[str, str]] = {
     # so `fetch` can gather its files but `chat --preset minigpt4-llama2-7b` does not exist.
     "minigpt4-llama2-7b": {"vit": "eva_vit_g", "llm": "llama2-7b-chat", "projection": "projection-llama2-7b"},
 }
+
+
+def human_size(size: int) -> str:
+    return f"{size / GB:.1f} GB" if size >= GB // 10 else f"{size / 1e6:.0f} MB"
+
+
+def released_size(preset: str) -> str:
+    """The approximate download size of a preset, e.g. `16.0 GB`."""
+    return human_size(sum(SOURCES[key].approx_bytes for key in PRESETS[preset].values()))
