@@ -203,7 +203,7 @@ def load_image(
             raise ImageTooLarge(f"image {label} is {width}x{height} = {width * height} pixels, over the limit "
                                 f"max_image_pixels={max_pixels}")
         if image.format in ("JPEG", "MPO") and count_jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
-            raise ImageTooLarge(f"image {label} is a JPEG of more than {MAX_JPEG_SCANS} scans, which takes minutes "
+            raise ImageTooLarge(f"image {label} is a JPEG of more than {MAX_JPEG_SCANS} scans, which can take minutes "
                                 "to decode; re-encode it (baseline, or a standard progressive JPEG)")
         try:
             image.load()
