@@ -25,7 +25,8 @@ DRIVE_PAGE = """<!DOCTYPE html><html><head><title>Google Drive - Virus scan warn
 class Served:
     data: bytes
     headers: dict[str, str] = field(default_factory=dict)
-    faults: list[str] = field(default_factory=list)  # consumed one per request: "cut", "stall", "html", "ok"
+    # consumed one per request: "cut", "stall", "html", "norange" (ignore Range: the whole file, 200), "503", "ok"
+    faults: list[str] = field(default_factory=list)
     drive_id: str = ""  # set: the path answers with Drive's confirmation page; /download?id=...&uuid=... serves it
 
 
@@ -81,6 +82,8 @@ class FileServer:
         if served is None:
             return self._send(req, 404, b"<html><title>Not Found</title></html>", {"Content-Type": "text/html"})
         fault = served.faults.pop(0) if served.faults else "ok"
+        if fault == "503":
+            return self._send(req, 503, b"busy", {"Content-Type": "text/plain"})
         if fault == "html":
             page = b"<!DOCTYPE html><html><head><title>Quota exceeded</title></head><body>Try later</body></html>"
             return self._send(req, 200, page, {"Content-Type": "text/html"})
@@ -88,7 +91,7 @@ class FileServer:
         headers = {"Content-Type": "application/octet-stream", "ETag": '"v1"', "Accept-Ranges": "bytes",
                    **served.headers}
         status = 200
-        ranged = req.headers.get("Range")
+        ranged = req.headers.get("Range") if fault != "norange" else None
         if ranged and ranged.startswith("bytes=") and ranged.endswith("-"):
             start = int(ranged[len("bytes="):-1])
             if start >= len(data):

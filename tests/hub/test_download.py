@@ -63,11 +63,29 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     assert server.requests[-1] == ("/eva_vit_g.pth", f"bytes={kept}-")
 
 
+def test_a_server_that_ignores_range_restarts_the_file_cleanly(server, tmp_path):
+    server.files["/eva_vit_g.pth"] = Served(DATA, headers=_md5_header(DATA), faults=["cut", "norange"])
+    done = _get(server, tmp_path)
+    assert done.path.read_bytes() == DATA  # the 200 answer replaced the partial file instead of being appended
+    assert server.requests[1][1] is not None  # it was asked to resume
+
+
 def test_a_stalled_server_triggers_the_retry(server, tmp_path):
     server.files["/eva_vit_g.pth"] = Served(DATA, faults=["stall"])
     done = _get(server, tmp_path)
     assert done.path.read_bytes() == DATA
     assert len(server.requests) == 2 and server.requests[1][1] is not None  # the retry resumed
+
+
+def test_server_errors_are_retried_then_reported_in_one_line(server, tmp_path):
+    server.files["/eva_vit_g.pth"] = Served(DATA, faults=["503"])
+    assert _get(server, tmp_path).path.read_bytes() == DATA and len(server.requests) == 2
+    server.files["/blip2.pth"] = Served(DATA, faults=["503"] * 3)
+    with pytest.raises(DownloadError) as err:
+        _get(server, tmp_path, path="/blip2.pth")
+    assert str(err.value) == (f"blip2.pth: HTTP 503 Service Unavailable; gave up after 3 attempts, 0 bytes kept in "
+                              f"{tmp_path / 'blip2.pth.part'}, run the command again to resume "
+                              f"({server.url('/blip2.pth')}); put it at {tmp_path}")
 
 
 def test_html_error_page_is_refused(server, tmp_path):
