@@ -133,6 +133,9 @@ def test_empty_body(http):
         (ask("hi", max_completion_tokens=0), "max_completion_tokens"),
         (ask("hi", n=-1), "n"),
         (ask("hi", seed=-(2**64)), "seed"),
+        (ask("hi", stop=["a", "b", "c", "d", "e"]), "stop"),
+        (ask("hi", stop=""), "stop"),
+        (ask("hi", stop=["ok", "x" * 65]), "stop.1"),
     ],
 )
 def test_wrong_types(http, body, field):

@@ -48,6 +48,7 @@ from minigpt4.serve.schemas import (
     ImagePart,
     ModelCard,
     ModelList,
+    TooManyMessages,
     Usage,
     describe_validation_error,
 )
@@ -118,7 +119,10 @@ class ChatService:
         if not body.strip():
             raise APIError(400, "the request body is empty; send a JSON chat completion request", code="invalid_json")
         try:
-            request = ChatCompletionRequest.model_validate_json(body)
+            limits = {"max_messages": self.config.max_messages}  # counted before the messages are validated
+            request = ChatCompletionRequest.model_validate_json(body, context=limits)
+        except TooManyMessages as err:
+            raise APIError(400, str(err), param="messages", code="too_many_messages") from None
         except ValidationError as err:
             message = describe_validation_error(err)
             code = "invalid_json" if message.startswith("the body is not valid JSON") else "invalid_request"
@@ -136,12 +140,8 @@ class ChatService:
         return request
 
     def check_limits(self, request: ChatCompletionRequest) -> None:
-        """The limits that need no tokenizer, checked right after parsing: each costs O(1) or one pass."""
+        """The limits that need no tokenizer (O(1) each), checked right after parsing."""
         cfg = self.config
-        parts = len(request.messages) + sum(len(m.content) for m in request.messages if isinstance(m.content, list))
-        if parts > cfg.max_messages:
-            raise APIError(400, f"the request has {parts} messages and content parts; the limit is "
-                           f"max_messages={cfg.max_messages}", param="messages", code="too_many_messages")
         if request.n > cfg.max_n:
             raise APIError(400, f"n={request.n} exceeds the limit max_n={cfg.max_n}", param="n", code="n_too_large")
         if request.stream and request.n > 1:
@@ -151,9 +151,6 @@ class ChatService:
             if value is not None and value > cfg.max_tokens:
                 raise APIError(400, f"{name}={value} exceeds the limit max_tokens={cfg.max_tokens}",
                                param=name, code="max_tokens_too_large")
-        stop = request.stop_list()
-        if len(stop) > 4 or any(not s or len(s) > 64 for s in stop):
-            raise APIError(400, "stop takes at most 4 non-empty strings of at most 64 characters", param="stop")
 
     def prepare(self, request: ChatCompletionRequest, fetched: dict[str, bytes | APIError]) -> Prepared:
         """Apply every limit, render the prompt and decode the images (runs on the thread pool); `fetched`

@@ -2,15 +2,27 @@
 
 Requests are validated strictly: a string where a number belongs is an error, not a guess, and
 every number must be finite and in the range OpenAI documents for it (NaN, Infinity and 1e999 are
-refused while parsing). Fields the server cannot honour (tools, JSON mode, log-probabilities,
+refused while parsing). Every list and map has a bound that pydantic checks before validating its
+items, so a body of a million wrong items costs one error, not a million (each error takes ~1 kB and
+describing them took seconds). Fields the server cannot honour (tools, JSON mode, log-probabilities,
 penalties) are refused with a message rather than silently ignored.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 # ---------------------------------------------------------------- requests
 
@@ -51,7 +63,43 @@ class ResponseFormat(_Strict):
     type: str
 
 
+class TooManyMessages(Exception):
+    """The request holds more messages plus content parts than `max_messages` (raised before any is validated)."""
+
+    def __init__(self, count: int, limit: int):
+        super().__init__(f"the request has {count} messages and content parts; the limit is max_messages={limit}")
+        self.count, self.limit = count, limit
+
+
+def count_message_parts(messages: list) -> int:
+    """Messages plus their content parts, counted on the raw JSON values (one pass, no validation)."""
+    parts = len(messages)
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts += len(content)
+    return parts
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _at_most(limit: int) -> WrapValidator:
+    """A size bound checked before the items are validated (pydantic checks a dict's max_length only after)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, dict) and len(value) > limit:
+            raise PydanticCustomError("too_long", "at most {limit} items, got {count}",
+                                      {"limit": limit, "count": len(value)})
+        return handler(value)
+
+    return WrapValidator(check)
+
+
 class ChatCompletionRequest(_Strict):
+    """Validate with `context={"max_messages": N}` to refuse more than N messages plus content parts
+    before validating any of them (validating 10^5 messages costs seconds; counting them, milliseconds)."""
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -59,7 +107,7 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None  # OpenAI: up to 4
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.manual_seed accepts
@@ -70,10 +118,20 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None
+    tools: Annotated[list[dict], Field(max_length=128)] | None = None  # OpenAI's limit
     tool_choice: str | dict | None = None
-    functions: list[dict] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    functions: Annotated[list[dict], Field(max_length=128)] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], _at_most(1024)] | None = None
+
+    @field_validator("messages", mode="wrap")
+    @classmethod
+    def _count_before_validating(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo):
+        limit = (info.context or {}).get("max_messages")
+        if limit is not None and isinstance(value, list):
+            count = len(value) if len(value) > limit else count_message_parts(value)
+            if count > limit:
+                raise TooManyMessages(count, limit)  # not a ValueError: pydantic lets it through at once
+        return handler(value)
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -104,8 +162,8 @@ def _field_path(loc: tuple) -> str:
     """'messages.0.content.0.text' from pydantic's location, without its union-branch labels."""
     parts: list[str] = []
     for item in map(str, loc):
-        if "[" in item or item in _TYPE_LABELS:
-            continue  # a union branch such as 'str' or 'list[tagged-union[...]]'
+        if "[" in item or item in _TYPE_LABELS or item.startswith("constrained-"):
+            continue  # a union branch such as 'str', 'constrained-str' or 'list[tagged-union[...]]'
         if parts and parts[-1] == item:
             continue  # a tagged-union tag followed by the field of the same name ('text', 'text')
         parts.append(item)
