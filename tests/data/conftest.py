@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,30 @@ def transform():
 
 def take(stream, count: int) -> list[dict]:
     return [next(stream) for _ in range(count)]
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+
+    def fail(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: the code under test spins")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def positions_before(batches: list[dict]) -> dict[str, int]:
+    """What a checkpoint written after `batches` records: the latest position of every reader."""
+    merged: dict[str, int] = {}
+    for batch in batches:
+        merged.update(batch["position"])
+    return merged
 
 
 def same_batches(first: list[dict], second: list[dict]) -> bool:

@@ -14,7 +14,7 @@ from minigpt4.data.prompts import load_prompts
 from minigpt4.processing.image import eval_transform, train_transform
 from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE
 
-from .conftest import make_aligned, same_batches, take
+from .conftest import hang_guard, make_aligned, positions_before, same_batches, take
 
 
 def test_batches_hold_raw_captions_and_each_pass_uses_each_pair_once(tmp_path, transform):
@@ -35,7 +35,8 @@ def test_start_batch_yields_exactly_the_tail_of_the_full_run(tmp_path, num_worke
     options = dict(seed=5, num_workers=num_workers)
     full = take(stage2_batches(str(root), augment, 2, **options), 9)
     again = take(stage2_batches(str(root), augment, 2, **options), 9)
-    resumed = take(stage2_batches(str(root), augment, 2, start_batch=5, **options), 4)  # odd: worker 1 first
+    positions = positions_before(full[:5])
+    resumed = take(stage2_batches(str(root), augment, 2, start_batch=5, positions=positions, **options), 4)  # odd
     assert same_batches(full, again)
     assert same_batches(full[5:], resumed)
 
@@ -140,3 +141,14 @@ def test_exif_orientation_is_applied_in_training(tmp_path, sideways_jpeg):
     upright = Image.open(root / "image" / "1.jpg").transpose(Image.Transpose.ROTATE_90)  # what 8 asks for
     assert upright.size == (20, 40)
     assert torch.equal(batch["image"][0], eval_transform(8)(upright.convert("RGB")))
+
+
+def test_a_folder_whose_images_are_all_missing_ends_after_one_pass(tmp_path, transform):
+    from minigpt4.data import NoUsableData
+
+    root = make_aligned(tmp_path, 6)
+    for image in (root / "image").iterdir():
+        image.unlink()
+    with hang_guard(120), pytest.raises(NoUsableData, match=r"no usable sample in a whole pass of reader 0 of 1 "
+                                                            r"\(6 skipped: 6 missing image\)"):
+        next(stage2_batches(str(root), transform, 2, seed=0))

@@ -115,3 +115,21 @@ def test_check_lists_what_is_broken_and_fails(tmp_path, capsys):
     assert main(["data", "check", "--workers", "2", str(shards)]) == 1  # same report from worker processes
     assert f"BROKEN {shards}/00001.tar [000011]: truncated tar" in capsys.readouterr().out
     assert main(["data", "check", str(make_aligned(tmp_path / "good", 3))]) == 0
+
+
+def test_check_fails_on_data_without_a_usable_sample(tmp_path, capsys):
+    from .conftest import write_shard
+
+    empty_tar = tmp_path / "one" / "00000.tar"
+    empty_tar.parent.mkdir()
+    write_shard(empty_tar, [])
+    assert main(["data", "check", str(empty_tar)]) == 1
+    assert f"BROKEN {empty_tar}: no usable sample" in capsys.readouterr().out
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(3):
+        write_shard(folder / f"{index:05d}.tar", [])
+    assert main(["data", "check", str(folder)]) == 1
+    printed = capsys.readouterr().out
+    assert f"BROKEN {folder} (shards): 0 good samples, 1 broken; 3 shard(s)" in printed
+    assert f"BROKEN {folder}: no usable sample" in printed

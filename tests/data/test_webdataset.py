@@ -15,7 +15,18 @@ from minigpt4.data import SkippedSample, summarize_skips
 from minigpt4.data.webdataset import expand_shards, read_tar_groups, sample_caption, stage1_batches
 from minigpt4.processing.image import train_transform
 
-from .conftest import encode, good_sample, make_dataset, photo, same_batches, synthetic, take, write_shard
+from .conftest import (
+    encode,
+    good_sample,
+    hang_guard,
+    make_dataset,
+    photo,
+    positions_before,
+    same_batches,
+    synthetic,
+    take,
+    write_shard,
+)
 
 
 @pytest.fixture
@@ -51,7 +62,8 @@ def test_start_batch_yields_exactly_the_tail_of_the_full_run(two_datasets, num_w
     augment = train_transform(8)
     options = dict(seed=3, rank=1, world_size=2, num_workers=num_workers, shuffle_buffer=5)
     full = take(stage1_batches(two_datasets, augment, 2, **options), 12)
-    resumed = take(stage1_batches(two_datasets, augment, 2, start_batch=7, **options), 5)
+    resumed = take(stage1_batches(two_datasets, augment, 2, start_batch=7, positions=positions_before(full[:7]),
+                                  **options), 5)
     assert same_batches(full[7:], resumed)
     assert {b["dataset"] for b in full} == {spec for spec, _ in two_datasets}  # both datasets took part
 
@@ -225,3 +237,60 @@ def test_a_member_over_a_small_limit_is_skipped_whatever_its_extension(tmp_path)
     entries = list(read_tar_groups(str(shard), max_member_bytes=limit))
     assert entries[0][0] == "ok"
     assert isinstance(entries[1], SkippedSample) and "long-caption.txt is 5000 bytes" in entries[1].reason
+
+
+def test_resume_fast_forwards_without_decoding_or_reading_skipped_images(tmp_path, transform, monkeypatch):
+    """Bad samples in the skipped part still land exactly (positions count them), and no skipped image is decoded
+    or even read: only the caption members of the skipped samples are."""
+    import minigpt4.data.pipeline as pipeline
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(3):
+        samples = [good_sample(f"s{shard}-{i:02d}", i) for i in range(12)]
+        samples[3] = {"__key__": f"bad{shard}", "jpg": b"\xff\xd8 not a jpeg", "txt": "broken"}  # skipped at decode
+        write_shard(folder / f"{shard:05d}.tar", samples)
+    pattern = f"{folder}/{{00000..00002}}.tar"
+    options = dict(seed=4, shuffle_buffer=4)
+    full = take(stage1_batches([(pattern, 1.0)], transform, 3, **options), 14)  # past the first pass (33 good)
+    assert sum(len(b["skipped"]) for b in full[:8]) >= 2
+
+    decoded, image_reads = [], []
+    real_load, real_extract = pipeline.load_image, tarfile.TarFile.extractfile
+    monkeypatch.setattr(pipeline, "load_image", lambda data, **kw: decoded.append(1) or real_load(data, **kw))
+
+    def counting_extract(archive, member):
+        if not member.name.endswith((".txt", ".json")):
+            image_reads.append(member.name)
+        return real_extract(archive, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counting_extract)
+    resumed = stage1_batches([(pattern, 1.0)], transform, 3, start_batch=8, positions=positions_before(full[:8]),
+                             **options)
+    first = next(resumed)
+    assert len(decoded) == 3 + len(first["skipped"])  # the 3 images of the batch, and any bad one met on the way
+    assert len(image_reads) <= options["shuffle_buffer"] + 3  # not the 24+ images passed over
+    assert same_batches(full[8:], [first, *take(resumed, 5)])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_data_without_a_usable_sample_ends_after_one_pass(tmp_path, transform, num_workers):
+    from minigpt4.data import NoUsableData
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(2):
+        write_shard(folder / f"{shard:05d}.tar", [
+            {"__key__": f"bad-{shard}-{i}", "jpg": b"\xff\xd8 not a jpeg", "txt": "a caption"} for i in range(5)
+        ] + [{"__key__": f"empty-{shard}", "jpg": encode(synthetic(1)), "txt": "  "}])
+    stream = stage1_batches([(str(folder), 1.0)], transform, 2, seed=0, num_workers=num_workers)
+    with hang_guard(120), pytest.raises(NoUsableData, match=r"no usable sample in a whole pass of reader .*\(\d+ "
+                                                            r"skipped: \d+ corrupt image, \d+ empty caption\); run "
+                                                            "`minigpt4 data check "):
+        next(stream)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_shard(empty / "00000.tar", [])
+    with hang_guard(120), pytest.raises(NoUsableData, match="found no sample at all in a whole pass"):
+        next(stage1_batches([(str(empty), 1.0)], transform, 2, seed=0, num_workers=num_workers))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import math
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -137,3 +139,30 @@ def test_train_on_a_full_disk_exits_with_one_line_and_resume_still_works(tiny_ll
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint_00000002.pth"]
     resumed = train(train_config(REPO / "configs" / "tiny_stage1.yaml", [*args, "train.resume=auto"]))
     assert resumed.steps == 4 and ckpt.load_checkpoint(resumed.checkpoint)["step"] == 4
+
+
+def test_training_on_data_without_a_usable_sample_ends_with_one_error_line(tiny_llm_dir, tmp_path):
+    """Every image broken: one pass, then `error: ...` and exit 1 (it used to log skips forever)."""
+    from PIL import Image
+
+    from minigpt4.data.synthetic import write_stage1
+
+    square = Image.new("RGB", (8, 8), (255, 0, 0))
+    shards = write_stage1(tmp_path / "shards", [(f"{i:05d}", square, "a red square") for i in range(6)], shard_size=3)
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(shard) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+        with tarfile.open(shard, "w") as dst:
+            for member, payload in members:
+                payload = b"\xff\xd8 not a jpeg" if member.name.endswith(".jpg") else payload
+                member.size = len(payload)
+                dst.addfile(member, io.BytesIO(payload))
+    args = overrides(tiny_llm_dir, tmp_path / "out", [{"kind": "webdataset", "path": shards}],
+                     "train.tensorboard=false")
+    proc = subprocess.run(cli_command("tiny_stage1.yaml", args), env=cli_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no usable sample in a whole pass" in errors[0] and "6 corrupt image" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("skipped ") <= 6 + 1  # one pass of warnings, not an endless stream

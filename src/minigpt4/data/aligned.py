@@ -61,6 +61,7 @@ class AlignedSource:
     def __init__(self, root: str | Path, *, seed: int, max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.root = Path(root)
         self.name = str(root)
+        self.index = 0  # the only source of a stage-2 job
         self.seed = seed
         self.max_image_bytes = max_image_bytes
         self.annotations = read_annotations(root)
@@ -69,22 +70,17 @@ class AlignedSource:
     def per_slot(self, num_slots: int) -> int:
         return len(self.annotations) // num_slots
 
-    def items(self, slot: int, num_slots: int) -> Iterator[StreamItem]:
+    def items(self, slot: int, num_slots: int, skip: int = 0) -> Iterator[StreamItem]:
         share = self.per_slot(num_slots)
-        empty_passes = 0
-        for epoch in count():
+        # A pass is `share` items and a PASS_END: a fast-forward is arithmetic, no image file is touched.
+        first_epoch, offset = divmod(skip, share + 1)
+        for epoch in count(first_epoch):
             order = list(range(len(self.annotations)))
             random.Random(stable_seed("aligned", self.seed, epoch)).shuffle(order)
-            found = 0
-            for index in order[: share * num_slots][slot::num_slots]:
-                item = self.annotation_item(index, epoch)
-                found += isinstance(item, Candidate)
-                yield item
+            for index in order[: share * num_slots][slot::num_slots][offset:]:
+                yield self.annotation_item(index, epoch)
             yield PASS_END
-            empty_passes = 0 if found else empty_passes + 1
-            if empty_passes >= 2:
-                raise RuntimeError(f"no usable annotation in {self.annotation_file} for reader {slot} of {num_slots}; "
-                                   "run `minigpt4 data check` on the folder")
+            offset = 0
 
     def one_pass(self) -> Iterator[Candidate | SkippedSample]:
         """Every annotation once, in file order, skips included (what the feature cache stores)."""
@@ -122,6 +118,7 @@ def stage2_batches(
     world_size: int = 1,
     num_workers: int = 0,
     start_batch: int = 0,
+    positions: dict[str, int] | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """An endless stream of stage-2 batches from a cc_sbu_align folder (raw captions, drop_last per pass).
@@ -137,4 +134,4 @@ def stage2_batches(
             f"on {world_size} rank(s) x {max(num_workers, 1)} reader(s) each; lower batch_size or num_workers"
         )
     return rank_batches(SlotBatches(source, transform, batch_size, rank=rank, world_size=world_size,
-                                    num_workers=num_workers, start_batch=start_batch))
+                                    num_workers=num_workers, start_batch=start_batch, positions=positions))

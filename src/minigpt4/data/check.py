@@ -97,7 +97,15 @@ def check_aligned(root: str | Path) -> CheckReport:
 
 
 def check_path(path: str, workers: int = 1, progress: bool = False) -> CheckReport:
-    """An aligned folder (it holds filter_cap.json) or shards (anything else)."""
+    """An aligned folder (it holds filter_cap.json) or shards (anything else).
+
+    A path without a single usable sample (an empty tar, a folder of empty tars) is broken: training on it
+    would have nothing to learn from.
+    """
     if (Path(path) / ANNOTATION_FILE).is_file():
-        return check_aligned(path)
-    return check_shards(path, workers, progress)
+        report = check_aligned(path)
+    else:
+        report = check_shards(path, workers, progress)
+    if not report.ok:
+        report.broken.append(SkippedSample(path, "", "no usable sample: training would have nothing to read here"))
+    return report

@@ -29,8 +29,10 @@ from minigpt4.data import SkippedSample
 from minigpt4.data.pipeline import (
     Candidate,
     ImageTransform,
+    PassEnd,
     SlotBatches,
     StreamItem,
+    TarMember,
     check_layout,
     rank_batches,
     stable_seed,
@@ -41,8 +43,7 @@ from minigpt4.processing.text import process_caption
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# A slot that finds nothing usable in this many passes in a row stops with an error instead of spinning forever.
-MAX_EMPTY_PASSES = 3
+CAPTION_EXTENSIONS = ("json", "txt")  # always read: whether a sample is usable depends on them
 
 
 ShardSpec = Union[str, Sequence[str]]
@@ -69,17 +70,19 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def read_tar_groups(
-    path: str, max_member_bytes: int = MAX_IMAGE_BYTES
-) -> Iterator[tuple[str, dict[str, bytes]] | SkippedSample]:
+    path: str, max_member_bytes: int = MAX_IMAGE_BYTES, skip_bodies: Callable[[], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes | TarMember]] | SkippedSample]:
     """Yield (key, {extension: bytes}) for each sample of a shard, or a SkippedSample where the tar is broken.
 
     Members of one sample are consecutive (webdataset convention). After a read error the rest of the shard
     is unreliable, so reading stops there with one SkippedSample naming the last key. A sample with a member
     over `max_member_bytes` is one SkippedSample; that member's size is read from its header and its bytes
-    are never read (a sparse member can declare gigabytes in a few blocks).
+    are never read (a sparse member can declare gigabytes in a few blocks). While `skip_bodies()` is true (a
+    resume fast-forwarding), members other than the captions are kept as TarMember references, not read:
+    tarfile seeks from header to header.
     """
     key: str | None = None
-    members: dict[str, bytes] = {}
+    members: dict[str, bytes | TarMember] = {}
     refused: SkippedSample | None = None  # why the current sample is skipped
     try:
         archive = tarfile.open(path, "r:")
@@ -102,6 +105,9 @@ def read_tar_groups(
                 if info.size > max_member_bytes:
                     refused = SkippedSample(path, key, f"too large: member {info.name} is {info.size} bytes, over the "
                                                        f"limit max_image_bytes={max_member_bytes} (not read)")
+                    continue
+                if ext not in CAPTION_EXTENSIONS and skip_bodies is not None and skip_bodies():
+                    members[ext] = TarMember(path, info.offset_data, info.size)
                     continue
                 handle = archive.extractfile(info)
                 members[ext] = handle.read() if handle is not None else b""
@@ -148,7 +154,8 @@ def sample_caption(members: dict[str, bytes]) -> str | None:
 
 
 def tar_sample(
-    shard: str, key: str, members: dict[str, bytes], caption_processor: Callable[[str], str] | None, seed: int
+    shard: str, key: str, members: dict[str, bytes | TarMember], caption_processor: Callable[[str], str] | None,
+    seed: int,
 ) -> Candidate | SkippedSample:
     """Check one tar sample's members and caption; the image itself is decoded later, when batched."""
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
@@ -208,18 +215,22 @@ class ShardSource:
             logger.warning("%d of %d shards of %s are missing; they are skipped", len(self.shards) - len(present),
                            len(self.shards), spec)
 
-    def items(self, slot: int, num_slots: int) -> Iterator[StreamItem]:
+    def items(self, slot: int, num_slots: int, skip: int = 0) -> Iterator[StreamItem]:
+        emitted = 0
+        # Samples read while fast-forwarding keep their image unread (a TarMember); the few of them still in
+        # the shuffle buffer when the skip ends are read when they are batched.
+        for item in self._stream(slot, num_slots, fast_forwarding=lambda: emitted < skip):
+            if emitted >= skip:
+                yield item
+            emitted += 1
+
+    def _stream(self, slot: int, num_slots: int, fast_forwarding: Callable[[], bool]) -> Iterator[StreamItem]:
+        """The slot's items, pass after pass: through the shuffle buffer, then a PassEnd (batches carry over)."""
         buffer_rng = random.Random(stable_seed("buffer", self.seed, self.index, slot))
-        empty_passes = 0
         for epoch in count():
             buffer: list[Candidate] = []
-            found = 0
-            for item in self._pass_items(epoch, slot, num_slots):
-                if isinstance(item, SkippedSample):
-                    yield item
-                    continue
-                found += 1
-                if self.shuffle_buffer <= 1:
+            for item in self._pass_items(epoch, slot, num_slots, fast_forwarding):
+                if isinstance(item, SkippedSample) or self.shuffle_buffer <= 1:
                     yield item
                     continue
                 buffer.append(item)
@@ -230,18 +241,14 @@ class ShardSource:
                     yield buffer.pop()
             buffer_rng.shuffle(buffer)
             yield from buffer
-            empty_passes = 0 if found else empty_passes + 1
-            if empty_passes >= MAX_EMPTY_PASSES:
-                raise RuntimeError(
-                    f"no usable sample in {MAX_EMPTY_PASSES} passes over this reader's share of {self.spec!r} "
-                    f"(slot {slot} of {num_slots}); run `minigpt4 data check` on it, or use fewer workers/ranks"
-                )
+            yield PassEnd(drop_partial=False)
 
     def one_pass(self) -> Iterator[Candidate | SkippedSample]:
         """Every sample once, skips included: pass 0 as one reader sees it (what the feature cache stores)."""
         return self._pass_items(0, 0, 1)
 
-    def _pass_items(self, epoch: int, slot: int, num_slots: int) -> Iterator[Candidate | SkippedSample]:
+    def _pass_items(self, epoch: int, slot: int, num_slots: int,
+                    skip_bodies: Callable[[], bool] | None = None) -> Iterator[Candidate | SkippedSample]:
         """This slot's share of pass `epoch`, in shard order (before the shuffle buffer)."""
         order = list(self.shards)
         random.Random(stable_seed("shards", self.seed, self.index, epoch)).shuffle(order)
@@ -250,7 +257,7 @@ class ShardSource:
         for position, shard in enumerate(order):
             if by_shard and position % num_slots != slot:
                 continue
-            for entry in read_tar_groups(shard, self.max_image_bytes):
+            for entry in read_tar_groups(shard, self.max_image_bytes, skip_bodies):
                 if isinstance(entry, SkippedSample):
                     # In per-sample mode every slot reads every shard: one slot reports a shard's problems.
                     if by_shard or position % num_slots == slot:
@@ -276,6 +283,7 @@ def stage1_batches(
     shuffle_buffer: int = 1000,
     process_captions: bool = True,
     start_batch: int = 0,
+    positions: dict[str, int] | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> Iterator[dict]:
     """An endless stream of stage-1 batches, each drawn whole from one dataset picked by ratio.
@@ -290,7 +298,9 @@ def stage1_batches(
         num_workers: DataLoader worker processes per dataset (0 = read in this process).
         shuffle_buffer: samples held for shuffling (<= 1: no shuffling beyond the shard order).
         process_captions: apply `blip_caption` (lower-case, strip punctuation, 50 words) as the original.
-        start_batch: skip the first batches, yielding exactly what the run from 0 would have yielded from here.
+        start_batch: skip the first batches, yielding what the run from 0 would have yielded from here.
+        positions: the merged "position" entries of the batches before `start_batch` (a checkpoint keeps them):
+            the readers fast-forward there without decoding images, and the stream continues exactly.
         max_image_bytes: a sample with a bigger tar member is skipped (counted) without reading that member.
     """
     check_layout(batch_size, rank, world_size, num_workers, start_batch)
@@ -306,7 +316,7 @@ def stage1_batches(
         for index, (spec, _) in enumerate(sources)
     ]
     return _mixed(datasets, [float(r) for _, r in sources], transform, batch_size, seed=seed, rank=rank,
-                  world_size=world_size, num_workers=num_workers, start_batch=start_batch)
+                  world_size=world_size, num_workers=num_workers, start_batch=start_batch, positions=positions)
 
 
 def _mixed(
@@ -320,6 +330,7 @@ def _mixed(
     world_size: int,
     num_workers: int,
     start_batch: int,
+    positions: dict[str, int] | None,
 ) -> Iterator[dict]:
     # The original picks the dataset of each batch with random.choices on a generator seeded by seed + rank.
     picker = random.Random(stable_seed("mix", seed, rank))
@@ -329,7 +340,7 @@ def _mixed(
         consumed[picker.choices(choices, weights=ratios)[0]] += 1
     streams = [
         rank_batches(SlotBatches(dataset, transform, batch_size, rank=rank, world_size=world_size,
-                                 num_workers=num_workers, start_batch=consumed[i]))
+                                 num_workers=num_workers, start_batch=consumed[i], positions=positions))
         for i, dataset in enumerate(datasets)
     ]
     while True:

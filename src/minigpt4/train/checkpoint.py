@@ -7,7 +7,8 @@ A checkpoint is one `torch.save` dict:
                when the Q-Former is trained
     optimizer  AdamW state;  scaler  GradScaler state or None
     step       optimizer steps done;  epoch  step // iters_per_epoch
-    data       {"batches": micro-batches each process has consumed} (loaders restart there)
+    data       {"batches": micro-batches each process has consumed, "positions": {reader: stream items it
+               consumed}} (loaders fast-forward there)
     rng        one entry per rank: python, numpy and torch (CPU and accelerator) generator states
     skipped    bad samples skipped so far;  config  the job config as a dict
     chat       how to talk to the trained model: the stage's layout as a conversation template, its

@@ -1,4 +1,4 @@
-"""`train(cfg)`: the MiniGPT-4 training loop. `_train` reads top to bottom: set up, then per step train, log, checkpoint.
+"""`train(cfg)`: the MiniGPT-4 training loop. `_train` reads top to bottom: set up, then per step train, log, save.
 
 One optimizer step = `grad_accum` micro-batches on every process. Its loss is the mean over every
 target token of the whole global batch, exactly what one process computing the same samples as one
@@ -122,8 +122,13 @@ def target_count(batch: LayoutBatch) -> torch.Tensor:
     return (batch.labels[:, 1:] != IGNORE_INDEX).sum()
 
 
-def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model: MiniGPT4) -> Iterator[dict]:
-    """The infinite batch stream of this process, starting at its `start_batch`-th batch."""
+def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model: MiniGPT4,
+                 positions: dict[str, int] | None = None) -> Iterator[dict]:
+    """The infinite batch stream of this process, starting at its `start_batch`-th batch.
+
+    `positions`: where each reader stood at that batch (a checkpoint's data.positions), so the readers
+    fast-forward without decoding the images they pass.
+    """
     from minigpt4.processing.image import eval_transform, train_transform
 
     if cfg.data.feature_cache:
@@ -135,7 +140,8 @@ def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model:
     size = cfg.model.vision.image_size
     transform = train_transform(size) if cfg.data.augment else eval_transform(size)
     common = dict(seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size,
-                  num_workers=cfg.data.num_workers, start_batch=start_batch, max_image_bytes=cfg.data.max_image_bytes)
+                  num_workers=cfg.data.num_workers, start_batch=start_batch, positions=positions,
+                  max_image_bytes=cfg.data.max_image_bytes)
     kinds = {d.kind for d in datasets}
     if kinds == {"webdataset"}:
         from minigpt4.data.webdataset import stage1_batches
@@ -306,6 +312,7 @@ class Run:
     jsonl: IO[str] | None
     board: object | None  # a tensorboard SummaryWriter
     progress: tqdm
+    positions: dict[str, int] = field(default_factory=dict)  # this process's readers: items consumed so far
     skipped_total: int = 0
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
@@ -335,7 +342,7 @@ def _setup(cfg: TrainJobConfig, ctx: DistContext) -> Run:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.precision == "fp16")
     total_steps = t.epochs * t.iters_per_epoch
 
-    start_step, skipped_total, nonfinite_total = 0, 0, 0
+    start_step, skipped_total, nonfinite_total, positions = 0, 0, 0, {}
     if state is None:
         seed_everything(t.seed + ctx.rank)  # the original's seed + rank
     else:
@@ -344,6 +351,7 @@ def _setup(cfg: TrainJobConfig, ctx: DistContext) -> Run:
             scaler.load_state_dict(state["scaler"])
         start_step, skipped_total = state["step"], state["skipped"]
         nonfinite_total = state.get("nonfinite_steps", 0)
+        positions = state["data"].get("positions", {})
         saved = state["config"]
         if saved["data"] != to_dict(cfg.data) or saved["train"]["seed"] != t.seed or \
                 saved["train"]["grad_accum"] != t.grad_accum:
@@ -365,12 +373,12 @@ def _setup(cfg: TrainJobConfig, ctx: DistContext) -> Run:
         autocast=torch.autocast(ctx.device.type, dtype=AUTOCAST_DTYPES.get(t.precision),
                                 enabled=t.precision != "fp32"),
         prompts=load_prompts_for(cfg),
-        batches=open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model),
+        batches=open_batches(cfg, ctx, start_batch=start_step * t.grad_accum, model=model, positions=positions),
         out=out, start_step=start_step, total_steps=total_steps, save_every=t.save_every or t.iters_per_epoch,
         resumed_from=resume_path, jsonl=jsonl, board=board,
         progress=tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not ctx.is_main,
                       dynamic_ncols=True),
-        skipped_total=skipped_total, nonfinite_total=nonfinite_total,
+        positions=dict(positions), skipped_total=skipped_total, nonfinite_total=nonfinite_total,
     )
 
 
@@ -421,6 +429,8 @@ def _train_step(run: Run, step: int, stop_requested: bool) -> StepOutcome:
 
     # Data: `grad_accum` micro-batches; the bad samples the loader skipped (and logged) are counted.
     micro = [next(run.batches) for _ in range(t.grad_accum)]
+    for batch in micro:
+        run.positions.update(batch.get("position", {}))
     run.skip_reasons.update(bad.reason.split(":")[0] for batch in micro for bad in batch["skipped"])
     layouts = []
     for index, batch in enumerate(micro):
@@ -532,6 +542,7 @@ def _save(run: Run, step: int, reason: str) -> Path:
     """Collective: every process hands in its RNG state, rank 0 writes; a failed write raises on every process."""
     ctx, t = run.ctx, run.cfg.train
     rngs = all_gather_objects(ckpt.rng_state(ctx.device), ctx)
+    positions = {key: n for ranks in all_gather_objects(run.positions, ctx) for key, n in ranks.items()}
     path = ckpt.checkpoint_path(run.out, step)
     failure = None
     if ctx.is_main:
@@ -540,7 +551,8 @@ def _save(run: Run, step: int, reason: str) -> Path:
                 "format": ckpt.FORMAT, "model": ckpt.trainable_state_dict(run.model),
                 "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                "step": step, "epoch": step // t.iters_per_epoch, "data": {"batches": step * t.grad_accum},
+                "step": step, "epoch": step // t.iters_per_epoch,
+                "data": {"batches": step * t.grad_accum, "positions": positions},
                 "rng": rngs, "skipped": run.skipped_total, "nonfinite_steps": run.nonfinite_total,
                 "config": to_dict(run.cfg), "chat": ckpt.chat_record(run.cfg, run.model),
             }, path)
