@@ -110,6 +110,16 @@ def test_caption_cli_uses_the_saved_template(saved, cat_file, tmp_path, capsys):
     assert "template vicuna_v0_train" in capsys.readouterr().err
 
 
+def test_caption_decodes_greedily_a_model_that_records_no_decoding(tiny_llm_dir, cat_file, tmp_path, capsys):
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", "--preset", "tiny", str(cat_file), f"llm.path={tiny_llm_dir}", "-o", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert ("template vicuna_v0 (from the original release's defaults), greedy, up to 3 new tokens (from the original "
+            "release's defaults; --max-new-tokens; greedy: this command's default when the model records no decoding)"
+            ) in err
+
+
 def test_chat_session_and_engine_default_to_the_model_and_take_overrides(loaded):
     from minigpt4.chat import Chat
     from minigpt4.processing.image import eval_transform
@@ -128,7 +138,7 @@ def test_serve_requests_default_to_the_saved_decoding(loaded, photo):
 
     def settings(**fields) -> GenerationSettings:
         request = ChatCompletionRequest(model="minigpt4", messages=[message], **fields)
-        return service.prepare(request).settings
+        return service.prepare(request, {}).settings  # data: URLs only, so nothing fetched
 
     assert settings().do_sample is False
     sampled = settings(temperature=0.7, top_p=0.5)

@@ -185,7 +185,7 @@ def chat_record(cfg: TrainJobConfig, model: MiniGPT4) -> dict[str, Any]:
 def chat_defaults(state: dict[str, Any], path: str | Path) -> ChatDefaults:
     """The chat defaults a loaded training checkpoint records (the release's for one written before they were)."""
     if "chat" not in state:
-        return ChatDefaults(template_source=f"{RELEASE}; {path} records none", generation_source=RELEASE)
+        return ChatDefaults(template_source=f"{RELEASE}; {path} records none")
     return ChatDefaults.from_record(state["chat"], str(path))
 
 
