@@ -67,3 +67,19 @@ def sideways_jpeg():
         return buffer.getvalue()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2_llm_dir(tmp_path_factory):
+    """The tiny LLaMA, its vocabulary holding "$$" (the Llama-2 release's pad token) as one piece."""
+    from minigpt4.testing import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llama2_llm"), extra_pieces=("$$",))
+
+
+@pytest.fixture
+def tiny_llama2_config(tiny_llama2_llm_dir):
+    """The `tiny` preset with the Llama-2 release's connector (merge4) and pad token."""
+    from minigpt4.config import model_config
+
+    return model_config("tiny", overrides=["connector=merge4", "llm.pad_token=$$", f"llm.path={tiny_llama2_llm_dir}"])

@@ -132,6 +132,9 @@ class LLMConfig:
     """The frozen causal language model, loaded through transformers' AutoModelForCausalLM."""
 
     path: str = ""  # a Hugging Face model folder (Vicuna v0 7B/13B in the release)
+    # The padding token, a token of the tokenizer's vocabulary. "" = the tokenizer's own, else its EOS
+    # (the Vicuna v0 releases pad with EOS); the Llama-2 release pads with "$$", so an EOS is learned.
+    pad_token: str = ""
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
@@ -146,8 +149,16 @@ class WeightsConfig:
     pretrained: str = ""  # a folder written by MiniGPT4.save_pretrained; replaces vit/blip2/projection
 
 
+# Patch tokens the "merge4" connector concatenates into one LLM position.
+MERGE_GROUP = 4
+
+
 @dataclass
 class ModelConfig:
+    # How the vision tokens reach the projection: "qformer" (the Vicuna v0 releases: the BLIP-2
+    # Q-Former's queries) or "merge4" (the Llama-2 release: no Q-Former; the ln_vision output without
+    # its CLS token, every 4 consecutive patch tokens concatenated into one).
+    connector: Literal["qformer", "merge4"] = "qformer"
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -157,6 +168,35 @@ class ModelConfig:
     device: str = "cpu"  # any torch device string: "cpu", "cuda:1", "npu:0", "mps", ...
     # Attention kernel of the vision tower and Q-Former ("eager" is the plain reference math).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.connector == "merge4":
+            if self.vision.arch != "eva_vit_g":
+                raise ConfigError(f"model.connector=merge4 needs vision.arch=eva_vit_g (a ViT with a CLS token), "
+                                  f"got {self.vision.arch!r}; use model.connector=qformer")
+            patches = (self.vision.image_size // self.vision.patch_size) ** 2
+            if patches % MERGE_GROUP:
+                raise ConfigError(f"model.connector=merge4 needs a patch count divisible by {MERGE_GROUP}, but "
+                                  f"vision.image_size={self.vision.image_size} gives {patches}; use a multiple of "
+                                  f"{2 * self.vision.patch_size} px")
+            if self.qformer.trainable:
+                raise ConfigError("model.qformer.trainable=true with model.connector=merge4: that connector has no "
+                                  "Q-Former; set qformer.trainable=false or connector=qformer")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM positions one image takes: the Q-Former's queries, or the ViT's patches merged 4 at a time."""
+        if self.connector == "merge4":
+            return (self.vision.image_size // self.vision.patch_size) ** 2 // MERGE_GROUP
+        return self.qformer.num_query_tokens
+
+    def connector_width(self, connector: str) -> int:
+        """The projection's input width with `connector`: the Q-Former's width, or 4 ViT tokens side by side."""
+        return self.vision.width * MERGE_GROUP if connector == "merge4" else self.qformer.hidden_size
+
+    @property
+    def image_feature_width(self) -> int:
+        return self.connector_width(self.connector)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,15 +356,21 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
+PRESETS = ("minigpt4-13b", "minigpt4-7b", "minigpt4-llama2-7b", "tiny", "embedded")
+
+
 def model_preset(name: str) -> ModelConfig:
     """Named model configurations: the two released MiniGPT-4 models, a tiny one for tests and the
     embedded CPU default (`minigpt4.embedded.prepare_smollm2` creates its LLM folder).
 
     The 7B and 13B presets differ only in the LLM they point at; the projection's output width is
-    read from the loaded LLM, so it is not restated here.
+    read from the loaded LLM, so it is not restated here. `minigpt4-llama2-7b` is the Llama-2 release:
+    EVA-ViT-g tokens merged 4 at a time (no Q-Former), Llama-2-7b-chat padded with "$$".
     """
     if name in ("minigpt4-13b", "minigpt4-7b"):
         return ModelConfig()
+    if name == "minigpt4-llama2-7b":
+        return ModelConfig(connector="merge4", llm=LLMConfig(pad_token="$$"))
     if name == "tiny":
         return ModelConfig(
             vision=VisionConfig(width=32, depth=2, num_heads=4, mlp_dim=64),
@@ -351,7 +397,7 @@ def model_preset(name: str) -> ModelConfig:
             ),
             llm=LLMConfig(path=str(default_smollm2_dir())),
         )
-    raise ConfigError(f"unknown model preset {name!r}; choose one of minigpt4-13b, minigpt4-7b, tiny, embedded")
+    raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
 def model_config(preset: str = "minigpt4-13b", path: str | Path | None = None, overrides: list[str] | None = None) -> ModelConfig:

@@ -338,6 +338,12 @@ def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.
     return {("proj." + k.removeprefix("llama_proj.")) if k.startswith("llama_proj.") else k: v for k, v in state.items()}
 
 
+def _connector_name(model: nn.Module, width: int) -> str:
+    """Which connector gives image features of `width` with this model's vision and Q-Former sizes."""
+    names = {model.config.connector_width(c): c for c in ("qformer", "merge4")}
+    return f"the {names[width]} connector's" if width in names else "another model's"
+
+
 def load_projection(model: nn.Module, path: str | Path) -> None:
     """Load `llama_proj.*` from a MiniGPT-4 checkpoint (release file or training checkpoint).
 
@@ -354,6 +360,14 @@ def load_projection(model: nn.Module, path: str | Path) -> None:
             f"({KNOWN_LLM_SIZES.get(file_width, 'another model')}), but the loaded LLM has hidden size "
             f"{llm_width} ({KNOWN_LLM_SIZES.get(llm_width, 'another model')}). Use the checkpoint made for "
             "this LLM: prerained_minigpt4_7b.pth goes with Vicuna-7B, pretrained_minigpt4.pth with Vicuna-13B."
+        )
+    file_inputs, model_inputs = mapped["proj.weight"].shape[1], model.proj.weight.shape[1]
+    if file_inputs != model_inputs:
+        raise CheckpointError(
+            f"{path} holds a projection of {file_inputs}-wide image features ({_connector_name(model, file_inputs)}), "
+            f"but model.connector={model.config.connector} gives {model_inputs}-wide ones. Use the preset made for "
+            "this file: pretrained_minigpt4_llama2_7b.pth goes with minigpt4-llama2-7b (connector merge4), the "
+            "Vicuna v0 files with minigpt4-7b/minigpt4-13b (connector qformer)."
         )
     assign_strict(model, mapped, source=str(path), expected={"proj.weight", "proj.bias"})
     if "chat" in ckpt:

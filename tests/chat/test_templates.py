@@ -63,15 +63,32 @@ def test_vicuna_v0_train_matches_the_training_prompt(tokenizer):
     assert template.stop == ["###"]
 
 
-def test_llama2_format(tokenizer):
+def test_llama2_matches_the_release_format(tokenizer):
+    """CONV_VISION_LLama2: roles "<s>[INST] " and " [/INST] ", separator "", the system text in front."""
     template = get_template("llama2", tokenizer)
-    assert template.render(ONE_TURN, "SYS") == (
-        "[INST] <<SYS>>\nSYS\n<</SYS>>\n\n<Img><ImageHere></Img> What is in the picture? [/INST]"
-    )
+    one = "<s>[INST] <Img><ImageHere></Img> What is in the picture? [/INST] "
+    assert template.render(ONE_TURN, "SYS") == "SYS" + one
+    assert template.render(ONE_TURN) == DEFAULT_SYSTEM + one
     assert template.render(TWO_TURNS, "") == (
-        "[INST] <Img><ImageHere></Img> What is in the picture? [/INST] A cat on a sofa. </s>"
-        "<s>[INST] What colour is it? [/INST]"
+        "<s>[INST] <Img><ImageHere></Img> What is in the picture? [/INST] A cat on a sofa."
+        "<s>[INST] What colour is it? [/INST] "
     )
+    assert template.stop == ["</s>"]  # EOS: generation stops there
+
+
+def test_llama2_token_ids_put_bos_on_the_first_piece_only(tokenizer):
+    """The first piece gets the tokenizer's BOS; the `<s>` written in the text is the BOS token too; the piece
+    after the image gets none."""
+    prompt = get_template("llama2", tokenizer).render(ONE_TURN, "SYS")
+    laid = layout_sample(tokenizer, prompt, 4)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    bos = tokenizer.bos_token_id
+    before = ids("SYS") + [bos] + ids("[INST] <Img>")
+    after = ids("</Img> What is in the picture? [/INST] ")
+    assert laid.input_ids[: 1 + len(before)] == [bos] + before
+    assert laid.image_mask == [False] * (1 + len(before)) + [True] * 4 + [False] * len(after)
+    assert laid.input_ids[1 + len(before) + 4:] == after
+    assert laid.input_ids.count(bos) == 2 and bos not in after
 
 
 def test_tokenizer_chat_template(tiny_llm_dir):

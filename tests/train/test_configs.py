@@ -34,6 +34,27 @@ def test_stage2_config_is_the_original_run():
     assert cfg.model.weights.projection.endswith(".pth")
 
 
+def test_llama2_configs_are_the_release_runs():
+    stage1 = train_config(REPO / "configs" / "stage1_pretrain_llama2.yaml")
+    stage2 = train_config(REPO / "configs" / "stage2_finetune_llama2.yaml")
+    for cfg in (stage1, stage2):
+        assert cfg.preset == "minigpt4-llama2-7b" and cfg.model.connector == "merge4"
+        assert cfg.model.llm.pad_token == "$$" and cfg.model.num_image_tokens == 64
+        assert cfg.model.weights.vit and not cfg.model.weights.blip2  # no Q-Former file for this release
+    d, t = stage1.data, stage1.train
+    assert (d.batch_size, d.prompts, d.end_sym, d.max_txt_len, d.process_captions) == (64, "", "\n", 32, True)
+    schedule = (t.lr, t.min_lr, t.warmup_lr, t.warmup_steps, t.epochs, t.iters_per_epoch)
+    assert schedule == (1e-4, 8e-5, 1e-6, 5000, 4, 5000)
+    d, t = stage2.data, stage2.train
+    assert (d.batch_size, d.end_sym, d.max_txt_len, d.process_captions) == (12, "</s>", 160, False)
+    prompts = load_prompts(None, d.prompt_template)
+    assert len(prompts) == 4
+    assert all(p.startswith("[INST] <Img><ImageHere></Img> ") and p.endswith(" [/INST] ") for p in prompts)
+    assert (t.lr, t.min_lr, t.warmup_lr, t.warmup_steps, t.epochs, t.iters_per_epoch) == (3e-5, 1e-5, 1e-6, 200, 5, 200)
+    assert (t.weight_decay, t.precision, t.seed) == (0.05, "fp16", 42)
+    assert stage2.model.weights.projection.endswith(".pth")
+
+
 def test_overrides_and_unknown_keys():
     cfg = train_config(REPO / "configs" / "tiny_stage1.yaml", ["train.lr=3e-5", "data.batch_size=2"])
     assert cfg.train.lr == 3e-5 and cfg.data.batch_size == 2

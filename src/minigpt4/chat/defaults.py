@@ -52,6 +52,14 @@ class ChatDefaults:
         if self.system is not None and not isinstance(self.system, str):
             raise ValueError(f"system must be text or null, got {self.system!r}")
 
+    @classmethod
+    def for_release(cls, connector: str) -> ChatDefaults:
+        """The release's defaults for a model with this connector: the Vicuna v0 releases' (qformer), or the
+        Llama-2 release's (merge4): its `llama2` format and the repetition penalty 1.05 its chat applies."""
+        if connector == "merge4":
+            return cls(template="llama2", generation=GenerationSettings(repetition_penalty=1.05))
+        return cls()
+
     @property
     def generation_recorded(self) -> bool:
         """Whether the decoding comes from the model's files (not the built-in release defaults)."""

@@ -8,7 +8,8 @@ A rendered prompt marks each image with `<ImageHere>` (inside the template's own
   finished turn continues ` answer###Human: ...`).
 - `vicuna_v0_train`: the stage-2 training prompt `###Human: <Img><ImageHere></Img> question ###Assistant: `.
 - `caption`: the stage-1 layout, the image alone then the caption (the question text is not used).
-- `llama2`: Llama-2 chat, `[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\nquestion [/INST] answer </s><s>[INST] ...`.
+- `llama2`: the Llama-2 release, `<system><s>[INST] <Img><ImageHere></Img> question [/INST] ` (a finished
+  turn continues `answer<s>[INST] ...`); answers end with EOS.
 - `chat_template`: the tokenizer's own Jinja chat template (ChatML for SmolLM2, Qwen, ...).
 
 `fit_messages` drops whole old turns until a conversation fits the context; the system text, the
@@ -165,27 +166,31 @@ class CaptionTemplate(ConversationTemplate):
 
 
 class Llama2Template(ConversationTemplate):
-    """Llama-2 chat: the system block sits inside the first `[INST]`; each answer ends with `</s>`."""
+    """The Llama-2 release of MiniGPT-4 (its `CONV_VISION_LLama2`): the system text, then each user
+    message as `<s>[INST] content` and each answer as ` [/INST] answer`, with nothing between them:
+    `system<s>[INST] <Img><ImageHere></Img> question [/INST] answer<s>[INST] next [/INST] `.
+
+    The layout prepends the tokenizer's BOS to the first piece only (as the release tokenizes it); the
+    `<s>` written in the text is the BOS token too. An answer ends with EOS, where generation stops.
+    """
 
     name = "llama2"
+    user, assistant = "[INST] ", " [/INST] "
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.bos = tokenizer.bos_token or "<s>"
-        self.eos = tokenizer.eos_token or "</s>"
-        self.stop = ["[INST]"]
+        self.stop = [tokenizer.eos_token] if tokenizer.eos_token else []
 
     def _render(self, messages: Sequence[Message], system: str) -> str:
-        out = ""
-        for index, message in enumerate(messages):
+        parts = [system]
+        for message in messages:
             if message.role == "user":
-                content = self.user_content(message)
-                if index == 0 and system:
-                    content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-                # The layout adds the first BOS; later turns carry theirs in the text.
-                out += ("" if index == 0 else self.bos) + f"[INST] {content} [/INST]"
+                parts.append(self.bos + self.user + self.user_content(message))
             else:
-                out += f" {message.text} {self.eos}"
-        return out
+                parts.append(self.assistant + message.text)
+        if messages[-1].role == "user":
+            parts.append(self.assistant)
+        return "".join(parts)
 
 
 class TokenizerChatTemplate(ConversationTemplate):

@@ -37,7 +37,9 @@ def fingerprint(model, transform: ImageTransform) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     modules = {"vision": model.vision, "ln_vision": model.ln_vision}
-    if not model.config.qformer.trainable:
+    if model.qformer is None:
+        digest.update(b"connector=merge4")  # the same tower weights, but merged tokens are cached
+    elif not model.config.qformer.trainable:
         modules["qformer"] = model.qformer
     for prefix, module in modules.items():
         for name, tensor in sorted(module.state_dict().items()):

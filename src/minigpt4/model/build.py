@@ -28,10 +28,15 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     check_device(cfg.device)
     if cfg.weights.pretrained:
         return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype)
-    if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and cfg.weights.blip2:
+    qformer = cfg.connector == "qformer"
+    if not qformer and cfg.weights.blip2:
+        raise ConfigError("model.weights.blip2 is set, but model.connector=merge4 (the Llama-2 release) has no "
+                          "Q-Former to load it into: leave weights.blip2 empty")
+    if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and (cfg.weights.blip2 or not qformer):
         projection = cfg.weights.projection or None
         return MiniGPT4.from_original(
-            cfg.weights.vit, cfg.weights.blip2, cfg.llm.path, projection, dtype=dtype, device=cfg.device, config=cfg
+            cfg.weights.vit, cfg.weights.blip2 or None, cfg.llm.path, projection, dtype=dtype, device=cfg.device,
+            config=cfg,
         )
     if cfg.weights.vit or cfg.weights.blip2:
         raise ConfigError(
@@ -76,7 +81,9 @@ def random_parts(cfg: ModelConfig, llm_path: str) -> list[str]:
     parts = ["LLM"] if is_random_llm(llm_path) else []
     if cfg.weights.pretrained:
         return parts
-    if cfg.vision.arch == "eva_vit_g" and not (cfg.weights.vit and cfg.weights.blip2):
+    if cfg.vision.arch == "eva_vit_g" and cfg.connector == "merge4":
+        parts += [] if cfg.weights.vit else ["vision tower"]
+    elif cfg.vision.arch == "eva_vit_g" and not (cfg.weights.vit and cfg.weights.blip2):
         parts += ["vision tower", "Q-Former"]
     elif cfg.vision.arch == "efficientnet_lite0":
         parts.append("Q-Former")  # no pretrained Q-Former exists for this tower; training makes one

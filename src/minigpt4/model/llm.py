@@ -37,12 +37,20 @@ def restore_sentencepiece_prefix(tokenizer: PreTrainedTokenizerBase) -> None:
     backend.pre_tokenizer = None
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The LLM's tokenizer, with pad = eos when it has no pad token and right padding (training)."""
+def load_tokenizer(path: str | Path, pad_token: str = "") -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer with right padding (training) and its pad token: `pad_token` when given
+    (`model.llm.pad_token`; it must be a token of the vocabulary, so no embedding row is added), else the
+    tokenizer's own, else EOS."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if type(tokenizer).__name__.startswith("LlamaTokenizer"):
         restore_sentencepiece_prefix(tokenizer)
-    if tokenizer.pad_token is None:
+    if pad_token:
+        token_id = tokenizer.convert_tokens_to_ids(pad_token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and pad_token != tokenizer.unk_token):
+            raise ConfigError(f"model.llm.pad_token={pad_token!r} is not a token of the tokenizer in {path}: give "
+                              "one of its vocabulary (the Llama-2 release pads with '$$') or '' for its own or EOS")
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
@@ -130,4 +138,4 @@ def load_llm(
     llm.eval()
     # Training never reuses a KV cache; generation asks for one explicitly.
     llm.config.use_cache = False
-    return llm, load_tokenizer(path)
+    return llm, load_tokenizer(path, cfg.pad_token)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minigpt4.config import ConfigError, ModelConfig, from_dict, to_dict
+from minigpt4.config import MERGE_GROUP, ConfigError, ModelConfig, from_dict, to_dict
 from minigpt4.chat.defaults import ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
 from minigpt4.model.llm import DTYPES, load_llm
@@ -55,6 +55,14 @@ def read_folder(directory: Path) -> tuple[ModelConfig, ChatDefaults]:
     return config, ChatDefaults.load(directory, meta.get("chat"), path)
 
 
+def merge_patch_tokens(tokens: torch.Tensor, group: int = MERGE_GROUP) -> torch.Tensor:
+    """(B, 1 + N, C) ViT tokens -> (B, N / group, group * C): the CLS token dropped, then every `group`
+    consecutive patch tokens concatenated side by side (a plain reshape), as the Llama-2 release does."""
+    patches = tokens[:, 1:]
+    batch, count, width = patches.shape
+    return patches.reshape(batch, count // group, group * width)
+
+
 def find_meta_tensors(module: nn.Module) -> list[str]:
     """Names of parameters and buffers still on the meta device (i.e. never loaded)."""
     return [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -86,19 +94,25 @@ class MiniGPT4(nn.Module):
         with torch.device("meta") if towers_on_meta else torch.device("cpu"):
             self.vision = build_vision_tower(config.vision, config.attn_implementation)
             self.ln_vision = nn.LayerNorm(self.vision.num_features, eps=config.vision.ln_vision_eps)
-            self.qformer = QFormer(config.qformer, self.vision.num_features, config.attn_implementation)
-        self.proj = nn.Linear(config.qformer.hidden_size, llm.config.hidden_size)  # "llama_proj"
+            # The "merge4" connector (the Llama-2 release) has no Q-Former at all.
+            self.qformer = (QFormer(config.qformer, self.vision.num_features, config.attn_implementation)
+                            if config.connector == "qformer" else None)
+        if self.qformer is None and towers_on_meta:
+            # Only BLIP-2's file holds trained ln_vision weights, and the Llama-2 release loads none: its
+            # ln_vision keeps PyTorch's initial weight 1 and bias 0.
+            self.ln_vision = nn.LayerNorm(self.vision.num_features, eps=config.vision.ln_vision_eps)
+        self.proj = nn.Linear(config.image_feature_width, llm.config.hidden_size)  # "llama_proj"
         self.llm = llm
         self.tokenizer = tokenizer
         # How to talk to the model: `save_pretrained` records it, `from_pretrained` and training checkpoints set it.
-        self.chat_defaults = ChatDefaults()
+        self.chat_defaults = ChatDefaults.for_release(config.connector)
         self.lock()
 
     # ---------------------------------------------------------------- freezing and placement
 
     def frozen_modules(self) -> list[nn.Module]:
         frozen = [self.vision, self.ln_vision, self.llm]
-        if not self.config.qformer.trainable:
+        if self.qformer is not None and not self.config.qformer.trainable:
             frozen.append(self.qformer)
         return frozen
 
@@ -120,7 +134,8 @@ class MiniGPT4(nn.Module):
         device = torch.device(device)
         self.vision.to(device, dtype)
         self.ln_vision.to(device, dtype)
-        self.qformer.to(device, torch.float32 if self.config.qformer.trainable else dtype)
+        if self.qformer is not None:
+            self.qformer.to(device, torch.float32 if self.config.qformer.trainable else dtype)
         self.proj.to(device, torch.float32)
         if getattr(self.llm, "hf_quantizer", None) is None:
             self.llm.to(device, dtype)
@@ -132,30 +147,33 @@ class MiniGPT4(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.config.qformer.num_query_tokens
+        return self.config.num_image_tokens
 
     # ---------------------------------------------------------------- forward pieces
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, num_query_tokens, H_llm) projected image embeddings."""
+        """(B, 3, H, W) pixels -> (B, num_image_tokens, H_llm) projected image embeddings."""
         return self.project(self.frozen_features(pixel_values))
 
     def frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Everything frozen before the first trainable module, computed without gradients.
 
         With the released layout (frozen Q-Former) this is the Q-Former output (B, Q, 768); when the
-        config trains the Q-Former it is the normalised tower output (B, N_img, C). It depends only
-        on frozen weights, so it can be cached per image.
+        config trains the Q-Former it is the normalised tower output (B, N_img, C); with the merge4
+        connector, those tokens merged (B, 64, 5632). It depends only on frozen weights, so it can be
+        cached per image.
         """
         with torch.no_grad():
             features = self.ln_vision(self.vision(pixel_values.to(self.device, self.ln_vision.weight.dtype)))
-            if not self.config.qformer.trainable:
+            if self.qformer is None:
+                features = merge_patch_tokens(features)
+            elif not self.config.qformer.trainable:
                 features = self.qformer(features)  # (B, Q, C_qformer)
         return features
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """`frozen_features` output -> (B, Q, H_llm): the trainable part of image encoding."""
-        if self.config.qformer.trainable:
+        if self.qformer is not None and self.config.qformer.trainable:
             features = self.qformer(features.to(self.qformer.query_tokens.dtype))
         return self.proj(features.to(self.proj.weight.dtype))
 
@@ -273,7 +291,7 @@ class MiniGPT4(nn.Module):
     def from_original(
         cls,
         vit: str | Path,
-        blip2: str | Path,
+        blip2: str | Path | None,
         llm: str | Path,
         projection: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
@@ -284,7 +302,7 @@ class MiniGPT4(nn.Module):
 
         Args:
             vit: `eva_vit_g.pth`.
-            blip2: `blip2_pretrained_flant5xxl.pth`.
+            blip2: `blip2_pretrained_flant5xxl.pth`; None for the merge4 connector (no Q-Former).
             llm: the Vicuna (or other causal LM) folder in Hugging Face format.
             projection: `pretrained_minigpt4.pth` / `prerained_minigpt4_7b.pth` / a training
                 checkpoint; None leaves the projection randomly initialised (stage-1 start).
@@ -298,7 +316,11 @@ class MiniGPT4(nn.Module):
         llm_model, tokenizer = load_llm(config.llm, dtype, device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
         convert.load_eva_vit(model, vit)
-        convert.load_blip2(model, blip2)
+        if (blip2 is None) != (config.connector == "merge4"):
+            raise ConfigError(f"model.connector={config.connector} {'needs' if blip2 is None else 'takes no'} "
+                              "BLIP-2 file (model.weights.blip2): the Q-Former's weights come from it")
+        if blip2 is not None:
+            convert.load_blip2(model, blip2)
         missing = find_meta_tensors(model)
         if missing:
             raise convert.CheckpointError(f"no checkpoint provided these tensors: {', '.join(missing)}")

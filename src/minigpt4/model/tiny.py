@@ -42,11 +42,13 @@ def build_tiny_llm(
     num_heads: int = 4,
     vocab_size: int = 400,
     seed: int = 0,
+    extra_pieces: tuple[str, ...] = (),
 ) -> Path:
     """Write a random LlamaForCausalLM and a SentencePiece LLaMA tokenizer to `directory`.
 
     The tokenizer is trained like LLaMA's (BPE, byte fallback, no normalisation, dummy prefix,
-    bos 1 / eos 2 / unk 0), so the code paths are the ones Vicuna takes.
+    bos 1 / eos 2 / unk 0), so the code paths are the ones Vicuna takes. `extra_pieces` become single
+    pieces of its vocabulary (e.g. "$$", which Llama-2's vocabulary has and the Llama-2 release pads with).
     """
     import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,6 +73,7 @@ def build_tiny_llm(
         split_digits=True,
         allow_whitespace_only_pieces=True,
         minloglevel=2,
+        user_defined_symbols=list(extra_pieces),
     )
     (directory / "tokenizer.model").write_bytes(model_bytes.getvalue())
     (directory / "tokenizer_config.json").write_text(

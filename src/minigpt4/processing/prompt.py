@@ -21,6 +21,9 @@ IGNORE_INDEX = -100
 
 # Stage-2 instruction template of the released model (note the trailing space).
 VICUNA_V0_TEMPLATE = "###Human: {} ###Assistant: "
+# The Llama-2 release's stage-2 template; its end symbol "</s>" is tokenized to the EOS id, which is learned
+# because that release pads with another token ("$$").
+LLAMA2_TEMPLATE = "[INST] {} [/INST] "
 
 
 @dataclass
@@ -74,7 +77,7 @@ def layout_sample(
         prompt: text with one `<ImageHere>` per image ("<ImageHere>" alone for stage 1).
         num_image_tokens: positions each image takes (the Q-Former's query count).
         target: the text to learn (caption or answer); None for generation.
-        end_sym: appended to the target ("\\n" in stage 1, "###" in stage 2).
+        end_sym: appended to the target ("\\n" in stage 1, "###" in stage 2, "</s>" in the Llama-2 stage 2).
         max_target_len: truncation of target + end_sym in tokens (so end_sym can be cut, as in the original).
         add_bos: prepend the tokenizer's BOS token when it has one.
     """
@@ -99,7 +102,8 @@ def layout_sample(
             target_ids = target_ids[:max_target_len]
         input_ids += target_ids
         image_mask += [False] * len(target_ids)
-        # pad == eos in the original, so a genuine eos in the target is never learned either.
+        # Pad-id tokens of the target are not learned: with pad == eos (the Vicuna v0 releases) a genuine
+        # eos is not learned either; with a distinct pad (the Llama-2 release's "$$") it is.
         labels += [IGNORE_INDEX if t == pad else t for t in target_ids]
     return LaidOut(input_ids, labels, image_mask)
 

@@ -31,7 +31,7 @@ import torch
 
 from minigpt4.chat.defaults import RELEASE, ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint
-from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE
+from minigpt4.processing.prompt import LLAMA2_TEMPLATE, VICUNA_V0_TEMPLATE
 
 if TYPE_CHECKING:
     from minigpt4.config import TrainJobConfig
@@ -167,13 +167,17 @@ def chat_record(cfg: TrainJobConfig, model: MiniGPT4) -> dict[str, Any]:
     """The "chat" entry: the conversation template that lays prompts out as this stage trained them.
 
     Stage 1 (no prompts) trains `[image][caption]\n`: the `caption` template. Stage 2 with the
-    released instruction template trains `###Human: ... ###Assistant: `: `vicuna_v0_train`. The
-    decoding is the model's own (the release's, or what the folder it was loaded from records).
+    released instruction template trains `###Human: ... ###Assistant: `: `vicuna_v0_train`; the Llama-2
+    release's (`[INST] ... [/INST] `, end "</s>") chats in `llama2`, as that release does. The decoding is
+    the model's own (the release's, or what the folder it was loaded from records).
     """
     if not cfg.data.prompts:
         template = "caption"
     elif cfg.data.prompt_template == VICUNA_V0_TEMPLATE and cfg.data.end_sym == "###":
         template = "vicuna_v0_train"
+    elif cfg.data.prompt_template == LLAMA2_TEMPLATE and cfg.data.end_sym == "</s>":
+        # The Llama-2 release trains `[INST] ... [/INST] ` answers ending in EOS and chats in its `llama2` format.
+        return model.chat_defaults.replace(template="llama2").record()
     else:
         log.warning("data.prompt_template=%r with end_sym %r matches no conversation template: the checkpoint "
                     "records %r; pass --template when chatting with it", cfg.data.prompt_template, cfg.data.end_sym,
@@ -215,7 +219,7 @@ def load_trainable_state_dict(model: MiniGPT4, state: dict[str, torch.Tensor], s
             f"{model.config.qformer.trainable}: resume with the model config the checkpoint was trained with"
         )
     for name, module, sub in (("llama_proj", model.proj, proj), ("qformer", model.qformer, qformer)):
-        own = module.state_dict()
+        own = module.state_dict() if module is not None else {}
         mistyped = [f"{name}.{k} ({v.dtype})" for k, v in sub.items()
                     if k in own and v.dtype.is_floating_point != own[k].dtype.is_floating_point]
         if mistyped:
