@@ -27,8 +27,8 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--preset", default=None,
-                       help="model preset: minigpt4-7b, minigpt4-13b, embedded, or tiny (random weights: a plumbing "
-                       "demo)")
+                       help="model preset: minigpt4-7b, minigpt4-13b, minigpt4-llama2-7b, embedded, or tiny (random "
+                       "weights: a plumbing demo)")
     group.add_argument("--config", type=Path, help="a model YAML file (applied over the preset, default minigpt4-13b)")
     group.add_argument("--checkpoint", type=Path, help="a folder written by save_pretrained (replaces preset weights)")
     group.add_argument("--no-fetch", action="store_true",

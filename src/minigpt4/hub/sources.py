@@ -82,8 +82,7 @@ SOURCES: dict[str, Source] = {
 PRESETS: dict[str, dict[str, str]] = {
     "minigpt4-7b": {"vit": "eva_vit_g", "blip2": "blip2", "llm": "vicuna-7b", "projection": "projection-7b"},
     "minigpt4-13b": {"vit": "eva_vit_g", "blip2": "blip2", "llm": "vicuna-13b", "projection": "projection-13b"},
-    # The Llama-2 release has no Q-Former file; its model preset (token-merge vision path) is not built yet,
-    # so `fetch` can gather its files but `chat --preset minigpt4-llama2-7b` does not exist.
+    # The Llama-2 release has no Q-Former, so no BLIP-2 file (its preset's connector is merge4).
     "minigpt4-llama2-7b": {"vit": "eva_vit_g", "llm": "llama2-7b-chat", "projection": "projection-llama2-7b"},
 }
 
