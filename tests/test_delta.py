@@ -148,14 +148,14 @@ def test_mismatch_is_one_error_naming_the_tensor(tmp_path, change, message, caps
     assert code == 2 and len(err) == 1 and err[0].startswith("error: tensor model.norm.weight")
 
 
-def test_single_file_folders_and_a_non_empty_output_are_handled(tmp_path):
-    base, cfg = tiny_llama_state(400, seed=0)
-    delta, _ = tiny_llama_state(400, seed=1)
+def test_single_file_folders_bf16_and_a_non_empty_output_are_handled(tmp_path):
+    base, cfg = tiny_llama_state(400, seed=0, dtype=torch.bfloat16)
+    delta, _ = tiny_llama_state(400, seed=1, dtype=torch.bfloat16)
     (tmp_path / "base").mkdir()
     (tmp_path / "delta").mkdir()
     torch.save(base, tmp_path / "base" / "pytorch_model.bin")
     save_file(delta, str(tmp_path / "delta" / "model.safetensors"))
     merged = read_all(apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out"))
-    assert all(torch.equal(merged[k], base[k] + delta[k]) for k in base)
+    assert all(merged[k].dtype == torch.bfloat16 and torch.equal(merged[k], base[k] + delta[k]) for k in base)
     with pytest.raises(DeltaError, match="is not empty; choose a new output folder"):
         apply_delta(tmp_path / "base", tmp_path / "delta", tmp_path / "out")

@@ -2,9 +2,10 @@
 
 Inputs are Hugging Face model folders with `.safetensors` and/or `.bin` weights (an index file
 mapping tensors to shards, or a single file; one index may mix both formats). Both are memory-mapped
-(`safe_open`, `torch.load(mmap=True, weights_only=True)`) and released after every tensor, so the peak
-is about one output shard. The output is safetensors shards of at most 1 GiB (`max_shard_bytes`) +
-index, with the delta's config and tokenizer files.
+(`safe_open`, `torch.load(mmap=True, weights_only=True)`) and released after every tensor, and each
+output tensor is written as soon as it is computed, so the peak is a few of the largest tensor, not a
+shard or a model. The output is safetensors shards of at most 1 GiB (`max_shard_bytes`) + index, with
+the delta's config and tokenizer files.
 
 The delta's vocabulary may be larger than the base's (Vicuna v0 adds a pad token: vocab_size 32001 in
 its config, 32000 in LLaMA's). For tensors whose first dimension is a vocabulary (embeddings, LM head),
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "toke
                "special_tokens_map.json", "added_tokens.json")
 
 
-# Output shards hold at most this much; the peak is about one output shard plus one tensor per side.
+# Output shards hold at most this much (they are written one tensor at a time, so this does not bound memory).
 DEFAULT_SHARD = 1 << 30
 
 
@@ -151,33 +151,72 @@ def _vocab(base: Weights, other: Weights) -> tuple[int, int] | None:
     return None
 
 
-def _combined(base: Weights, other: Weights, op: Callable, max_shard_bytes: int,
-              ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The output in groups of at most `max_shard_bytes` (or one tensor), in `other`'s shard order.
+def _combined(base: Weights, other: Weights, op: Callable, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, output tensor) for `keys`, one at a time.
 
     Both inputs are memory-mapped and released after every tensor: pages read stay resident while their
     mapping lives, so keeping a shard open would hold a whole input shard per side (re-opening is cheap).
     """
     vocab = _vocab(base, other)
-    group, size = [], 0
-    for key, _ in _by_shard(other):
+    for key in keys:
         tensor = _combine(key, base.get(key), other.get(key), op, vocab, str(other.folder))
         base.release()
         other.release()
+        yield key, tensor
+
+
+def _plan(other: Weights, max_shard_bytes: int) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """Output shards as lists of (name, dtype, shape), in `other`'s shard order, each at most
+    `max_shard_bytes` (or one tensor). The output has `other`'s shapes, read without touching any data."""
+    order = {shard: i for i, shard in enumerate(other.shards())}
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for key, _ in sorted(other.shard_of.items(), key=lambda item: order[item[1]]):
+        tensor = other.get(key)
         nbytes = tensor.numel() * tensor.element_size()
-        if group and size + nbytes > max_shard_bytes:
-            yield group
-            group, size = [], 0
-        group.append((key, tensor))
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tensor.dtype, tuple(tensor.shape)))
         size += nbytes
-    if group:
-        yield group
+        other.release()
+    return shards
 
 
-def _by_shard(weights: Weights) -> list[tuple[str, str]]:
-    """(tensor, shard) pairs grouped by shard, in shard order."""
-    order = {shard: i for i, shard in enumerate(weights.shards())}
-    return sorted(weights.shard_of.items(), key=lambda item: order[item[1]])
+# safetensors' names for torch dtypes (the format's header spelling)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def _write_shard(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """Write a safetensors file whose header is known in advance, one tensor at a time; returns data bytes.
+
+    `safetensors.torch.save_file` needs every tensor in memory at once; the format (8-byte header
+    length, JSON header with byte offsets, raw little-endian data) lets the header go first instead.
+    """
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in layout:
+        if dtype not in _ST_DTYPES:
+            raise DeltaError(f"tensor {key}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as fh:
+        fh.write(len(encoded).to_bytes(8, "little"))
+        fh.write(encoded)
+        for key, dtype, shape in layout:
+            name, tensor = next(tensors)
+            if name != key or tensor.dtype != dtype or tuple(tensor.shape) != shape:  # a bug, not an input error
+                raise AssertionError(f"{name} {tensor.dtype} {tuple(tensor.shape)} != planned {key} {dtype} {shape}")
+            fh.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset
 
 
 def _write(base: Weights, other: Weights, output: Path, op: Callable, side_from: Weights,
@@ -186,21 +225,16 @@ def _write(base: Weights, other: Weights, output: Path, op: Callable, side_from:
     if output.exists() and any(output.iterdir()):
         raise DeltaError(f"{output} is not empty; choose a new output folder")
     output.mkdir(parents=True, exist_ok=True)
-    written: list[tuple[Path, list[str]]] = []
-    total = 0
-    for number, tensors in enumerate(_combined(base, other, op, max_shard_bytes), start=1):
-        # Named once the count is known; until then a partial output is visibly unfinished.
-        part = output / f"model-{number:05d}.safetensors.tmp"
-        save_file({key: t.contiguous() for key, t in tensors}, str(part), metadata={"format": "pt"})
-        written.append((part, [key for key, _ in tensors]))
-        total += sum(t.numel() * t.element_size() for _, t in tensors)
-        log.info("wrote shard %d (%d tensors)", number, len(tensors))
-        del tensors  # before the next shard is computed, not after
-    weight_map = {}
-    for number, (part, keys) in enumerate(written, start=1):
-        name = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+    plan = _plan(other, max_shard_bytes)
+    tensors = _combined(base, other, op, [key for layout in plan for key, _, _ in layout])
+    weight_map, total = {}, 0
+    for number, layout in enumerate(plan, start=1):
+        name = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
+        part = output / (name + ".tmp")  # renamed when complete: a cut-short run leaves no valid-looking shard
+        total += _write_shard(part, layout, tensors)
         os.replace(part, output / name)
-        weight_map.update(dict.fromkeys(keys, name))
+        weight_map.update({key: name for key, _, _ in layout})
+        log.info("wrote %s (%d tensors)", name, len(layout))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     for name in _SIDE_FILES:
@@ -227,11 +261,10 @@ def check_applied(base: str | Path, delta: str | Path, output: str | Path) -> in
     base_w, delta_w, out_w = Weights.open(base), Weights.open(delta), Weights.open(output)
     _check_keys(base_w, out_w, "output")
     count = 0
-    for tensors in _combined(base_w, delta_w, torch.add, 0):  # one tensor at a time
-        for key, expected in tensors:
-            written = out_w.get(key)
-            if written.dtype != expected.dtype or written.shape != expected.shape or not torch.equal(written, expected):
-                raise DeltaError(f"tensor {key} in {output} differs from base + delta; write the output again")
-            count += 1
+    for key, expected in _combined(base_w, delta_w, torch.add, list(delta_w.shard_of)):
+        written = out_w.get(key)
+        if written.dtype != expected.dtype or written.shape != expected.shape or not torch.equal(written, expected):
+            raise DeltaError(f"tensor {key} in {output} differs from base + delta; write the output again")
         out_w.release()
+        count += 1
     return count

@@ -60,7 +60,8 @@ def test_quickstart_model_is_the_fallback_and_said_on_stderr(empty, capsys):
     args = _args()
     choose_default_model(args)
     assert args.checkpoint == Path("quickstart/model") and args.preset is None
-    assert capsys.readouterr().err == "no model given: using ./quickstart/model (the model `minigpt4 quickstart` trained)\n"
+    assert capsys.readouterr().err == (
+        "no model given: using ./quickstart/model (the model `minigpt4 quickstart` trained)\n")
 
 
 def test_complete_7b_in_the_cache_comes_before_quickstart(empty, monkeypatch, capsys):
