@@ -53,13 +53,16 @@ class Plan:
 # over 1500 still gave 62% (loss still falling at 0.3), 240 x 8 gave 93% (loss 0.25).
 FULL = Plan(stage1_images=2400, stage2_images=1500, validation_images=100, test_images=100, stage1_steps=400,
             stage2_steps=240, batch_size=16, stage2_batch_size=8)
-FAST = Plan(stage1_images=96, stage2_images=48, validation_images=12, test_images=12, stage1_steps=12,
-            stage2_steps=3, batch_size=8, stage2_batch_size=8)
+# Short enough for CI (a few minutes), long enough for stage 1 to learn: after 120 steps of 16 its captions named
+# colour and shape of 11/24 and 10/24 validation images (seeds 0 and 1; shape alone 23/24 and 24/24). Its 5
+# stage-2 steps only check that stage 2 runs: the prompted answers are not yet descriptions.
+FAST = Plan(stage1_images=480, stage2_images=48, validation_images=24, test_images=24, stage1_steps=120,
+            stage2_steps=5, batch_size=16, stage2_batch_size=8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
-                        help="a short run (CI smoke test); does not reach the accuracy target")
+                        help="a short run (CI): stage 1 learns colour and shape, stage 2 is too short to learn")
     parser.add_argument("--output", type=Path, default=Path("quickstart"), help="where data, checkpoints and logs go")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for feature caching and training")
     parser.add_argument("--seed", type=int, default=0)
