@@ -136,3 +136,13 @@ def test_train_fills_frozen_parts_from_the_cache_but_never_the_projection(empty,
     fill_released_files(cfg.model, cfg.preset, no_fetch=True, roles=("vit", "blip2", "llm"))
     assert cfg.model.weights.vit.endswith("eva_vit_g.pth") and "vicuna-7b" in cfg.model.llm.path
     assert cfg.model.weights.projection == ""  # trained, not taken from the release
+
+
+def test_llama2_preset_fills_its_three_parts_and_names_the_gated_repo(empty, capsys):
+    (empty / "cache" / "weights").mkdir(parents=True)
+    (empty / "cache" / "weights" / "eva_vit_g.pth").write_bytes(b"\3" * 64)
+    (empty / "photo.jpg").write_bytes(b"")
+    assert main(["chat", "--preset", "minigpt4-llama2-7b", "--image", "photo.jpg", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: Llama-2-7b-chat-hf: meta-llama/Llama-2-7b-chat-hf (https://huggingface.co/")
+    assert err[-1].endswith("(gated: accept the licence on its Hub page and log in (HF_TOKEN))")

@@ -127,8 +127,9 @@ def _hub_error(source: Source, err: Exception, offline: bool) -> DownloadError:
     else:
         detail = (str(err).splitlines() or [""])[0]
         why = f"cannot download {where} ({type(err).__name__}: {detail}; no network?)"
+    note = f" ({source.note})" if source.note else ""
     return DownloadError(f"{source.filename}: {why}; download it by hand (`hf download {source.location}`"
-                         f"{' --repo-type space' if source.repo_type == 'space' else ''}) or pass its path")
+                         f"{' --repo-type space' if source.repo_type == 'space' else ''}) or pass its path{note}")
 
 
 def _hub_snapshot(source: Source, offline: bool) -> tuple[Path, list[Path]]:
@@ -157,7 +158,8 @@ def _hub_snapshot(source: Source, offline: bool) -> tuple[Path, list[Path]]:
 
 
 def _manual(source: Source, dest: Path) -> str:
-    return f"download {source.page()} by hand and put it at {dest}"
+    note = f" ({source.note})" if source.note else ""
+    return f"download {source.page()} by hand and put it at {dest}{note}"
 
 
 class Fetcher:
