@@ -201,3 +201,42 @@ def test_from_the_released_files_without_blip2(merge_model, tiny_llama2_config, 
     cfg.weights.blip2 = str(tmp_path / "blip2.pth")
     with pytest.raises(ConfigError, match="model.connector=merge4 .* has no Q-Former to load it into"):
         build_model(cfg)
+
+
+def test_chat_with_the_merge_model_uses_the_release_format(merge_model, photo):
+    from minigpt4.chat import Chat
+
+    chat = Chat(merge_model, eval_transform())
+    chat.upload(photo)
+    chat.ask("What is in the picture?")
+    assert chat.prompt().endswith("<s>[INST] <Img><ImageHere></Img> What is in the picture? [/INST] ")
+    answer = chat.answer(do_sample=False, max_new_tokens=4)
+    assert isinstance(answer, str) and chat.messages[-1].role == "assistant"
+    assert chat.prompt().endswith(f" [/INST] {chat.messages[-1].text}")
+
+
+def test_llama2_stage2_checkpoints_record_the_llama2_template(tiny_model):
+    """The layout trained decides (the model's own defaults here are vicuna_v0's)."""
+    from minigpt4.config import train_config
+    from minigpt4.train.checkpoint import chat_record
+
+    job = train_config(None, ["preset=tiny", "data.prompts=default", f"data.prompt_template='{LLAMA2_TEMPLATE}'",
+                              "data.end_sym=</s>"])
+    assert chat_record(job, tiny_model)["template"] == "llama2"
+    job.data.end_sym = "###"  # a layout no template matches: the model's own, with a warning
+    assert chat_record(job, tiny_model)["template"] == "vicuna_v0"
+    job.data.prompts = ""
+    assert chat_record(job, tiny_model)["template"] == "caption"
+
+
+def test_cached_features_of_merged_tokens_have_their_own_fingerprint(merge_model, tiny_llama2_config):
+    """The same tower weights give merged tokens here and raw tokens with a trainable Q-Former: never mixed up."""
+    from minigpt4.feature_cache.layout import fingerprint
+
+    tiny_llama2_config.connector, tiny_llama2_config.qformer.trainable = "qformer", True
+    torch.manual_seed(0)
+    trainable = build_model(tiny_llama2_config)
+    trainable.vision.load_state_dict(merge_model.vision.state_dict())
+    trainable.ln_vision.load_state_dict(merge_model.ln_vision.state_dict())
+    transform = eval_transform()
+    assert fingerprint(merge_model, transform) != fingerprint(trainable, transform)
