@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     pixels = eval_transform(cfg.vision.image_size)(image).unsqueeze(0)
     with torch.no_grad():
         loss = model.loss(pixels, [args.text])
-    print(f"model: vision {cfg.vision.arch} depth {cfg.vision.depth}, Q-Former {cfg.qformer.num_layers} layers, "
-          f"LLM {cfg.llm.path}")
+    connector = f"Q-Former {cfg.qformer.num_layers} layers" if cfg.connector == "qformer" else "tokens merged 4 at a time"
+    print(f"model: vision {cfg.vision.arch} depth {cfg.vision.depth}, {connector} ({cfg.num_image_tokens} image "
+          f"tokens), LLM {cfg.llm.path}")
     print(f"loss on {args.text!r}: {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)")
     return 0
