@@ -152,3 +152,15 @@ def test_a_folder_whose_images_are_all_missing_ends_after_one_pass(tmp_path, tra
     with hang_guard(120), pytest.raises(NoUsableData, match=r"no usable sample in a whole pass of reader 0 of 1 "
                                                             r"\(6 skipped: 6 missing image\)"):
         next(stage2_batches(str(root), transform, 2, seed=0))
+
+
+def test_a_folder_with_fewer_usable_pairs_than_a_batch_ends_after_one_pass(tmp_path, transform):
+    """drop_last per pass: 3 usable pairs never make a batch of 4, so the stream would spin forever."""
+    from minigpt4.data import NoUsableData
+
+    root = make_aligned(tmp_path, 8)
+    for image_id in range(1, 6):
+        (root / "image" / f"{image_id}.jpg").unlink()
+    with hang_guard(120), pytest.raises(NoUsableData, match=r"only 3 usable samples in a whole pass of reader 0 of 1, "
+                                                            r"fewer than one batch of 4"):
+        next(stage2_batches(str(root), transform, 4, seed=0))

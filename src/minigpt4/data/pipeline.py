@@ -152,7 +152,8 @@ def assemble_batches(
     """Group candidates into batches of `batch_size`, skipping (and reporting) samples that fail to load.
 
     `items` begins at item `start` of the slot's stream; each batch's "position" is {position_key: items
-    consumed when it was complete}. Raises NoUsableData at the end of a whole pass without a usable sample.
+    consumed when it was complete}. Raises NoUsableData at the end of a whole pass without a usable sample, or,
+    where a pass end drops the partial batch, without a whole batch (it would never yield one).
     """
     images: list[torch.Tensor] = []
     texts: list[str] = []
@@ -160,13 +161,17 @@ def assemble_batches(
     skipped: list[SkippedSample] = []
     consumed = start
     whole_pass = start == 0  # a pass entered half-way (after a fast-forward) is not judged
-    usable, seen, reasons = 0, 0, Counter()  # in this pass
+    usable, seen, made, reasons = 0, 0, 0, Counter()  # in this pass
     for item in items:
         consumed += 1
         if isinstance(item, PassEnd):
             if whole_pass and not usable:
                 raise NoUsableData(_nothing_usable(name, position_key, seen, reasons))
-            whole_pass, usable, seen, reasons = True, 0, 0, Counter()
+            if whole_pass and item.drop_partial and not made:
+                raise NoUsableData(f"{name}: only {usable} usable samples in a whole pass of reader "
+                                   f"{_reader(position_key)}, fewer than one batch of {batch_size}; lower "
+                                   f"data.batch_size or data.num_workers, or run `minigpt4 data check {name}`")
+            whole_pass, usable, seen, made, reasons = True, 0, 0, 0, Counter()
             if item.drop_partial:
                 images, texts, keys = [], [], []
             continue
@@ -187,11 +192,17 @@ def assemble_batches(
             continue
         yield {"image": torch.stack(images), "text": texts, "key": keys, "skipped": skipped, "dataset": name,
                "position": {position_key: consumed}}
+        made += 1
         images, texts, keys, skipped = [], [], [], []
 
 
+def _reader(position_key: str) -> str:
+    """"0/3/4" (source 0, slot 3 of 4) -> "3 of 4"."""
+    return position_key.split("/", 1)[1].replace("/", " of ")
+
+
 def _nothing_usable(name: str, position_key: str, seen: int, reasons: Counter) -> str:
-    slot = position_key.split("/", 1)[1].replace("/", " of ")
+    slot = _reader(position_key)
     if not seen:
         return (f"{name}: reader {slot} found no sample at all in a whole pass (an empty dataset, or fewer samples "
                 "than readers); check the path, or use fewer data.num_workers or processes")

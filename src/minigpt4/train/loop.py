@@ -248,7 +248,8 @@ def _train(cfg: TrainJobConfig, ctx: DistContext) -> TrainResult:
     run = _setup(cfg, ctx)
     t = cfg.train
     stop = StopOnSigterm()
-    with run.progress, logging_redirect_tqdm(), (run.jsonl or contextlib.nullcontext()), stop:
+    log_file, board = run.jsonl or contextlib.nullcontext(), run.board or contextlib.nullcontext()
+    with run.progress, logging_redirect_tqdm(), log_file, board, stop:  # closed however the loop ends
         for step in range(run.start_step, run.total_steps):
             outcome = _train_step(run, step, stop_requested=stop.received)
             _log_step(run, step, outcome)
@@ -569,8 +570,6 @@ def _save(run: Run, step: int, reason: str) -> Path:
 
 
 def _finish(run: Run) -> TrainResult:
-    if run.board is not None:
-        run.board.close()
     rate = run.steady.seconds or float("nan")
     result = TrainResult(
         final_loss=run.losses[-1] if run.losses else float("nan"),
