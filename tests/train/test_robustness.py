@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -166,3 +167,21 @@ def test_training_on_data_without_a_usable_sample_ends_with_one_error_line(tiny_
     assert len(errors) == 1 and "no usable sample in a whole pass" in errors[0] and "6 corrupt image" in errors[0]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("skipped ") <= 6 + 1  # one pass of warnings, not an endless stream
+
+
+def test_under_fp16_and_grad_scaler_a_nan_step_is_skipped_and_lowers_the_scale(tiny_llm_dir, tiny_data, tmp_path,
+                                                                               monkeypatch):
+    """The AMP path (GradScaler on), run on the CPU: the refusal of fp16 on CPU is lifted for this test only."""
+    import minigpt4.train.loop as loop
+
+    real_check = loop.check_config
+    monkeypatch.setattr(loop, "check_config", lambda cfg: real_check(dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, precision="bf16"))))
+    poison_projection(monkeypatch, lambda call: call == 2)
+    out = tmp_path / "out"
+    result = train(tiny_job(tiny_llm_dir, tiny_data, out, "train.precision=fp16", "train.save_every=1",
+                            "train.keep_last=4"))
+    assert result.steps == 4 and result.nonfinite_steps == 1 and not math.isfinite(result.losses[1])
+    scale = {step: ckpt.load_checkpoint(ckpt.checkpoint_path(out, step))["scaler"]["scale"] for step in (1, 2)}
+    assert scale[2] == scale[1] / 2  # backed off once at the skipped step, as GradScaler does on an overflow
+    assert all(torch.isfinite(v).all() for v in ckpt.load_checkpoint(result.checkpoint)["model"].values())
