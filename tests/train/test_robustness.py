@@ -185,3 +185,19 @@ def test_under_fp16_and_grad_scaler_a_nan_step_is_skipped_and_lowers_the_scale(t
     scale = {step: ckpt.load_checkpoint(ckpt.checkpoint_path(out, step))["scaler"]["scale"] for step in (1, 2)}
     assert scale[2] == scale[1] / 2  # backed off once at the skipped step, as GradScaler does on an overflow
     assert all(torch.isfinite(v).all() for v in ckpt.load_checkpoint(result.checkpoint)["model"].values())
+
+
+def test_a_dataset_the_readers_refuse_is_a_config_error(tiny_llm_dir, tmp_path):
+    """An aligned folder with fewer pairs than a batch: one ConfigError (the CLI's `error:` line, exit 2)."""
+    from PIL import Image
+
+    from minigpt4.config import ConfigError
+    from minigpt4.data.synthetic import write_stage2
+
+    square = Image.new("RGB", (8, 8), (0, 0, 255))
+    write_stage2(tmp_path / "aligned", [(str(i), square, "a blue square.") for i in range(3)])
+    cfg = train_config(REPO / "configs" / "tiny_stage2.yaml", overrides(
+        tiny_llm_dir, tmp_path / "out", [{"kind": "aligned", "path": str(tmp_path / "aligned")}],
+        "data.batch_size=4", "train.tensorboard=false"))
+    with pytest.raises(ConfigError, match=r"data\.datasets: .* has 3 annotations: too few for batch_size 4"):
+        train(cfg)

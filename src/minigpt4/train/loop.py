@@ -143,16 +143,19 @@ def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model:
                   num_workers=cfg.data.num_workers, start_batch=start_batch, positions=positions,
                   max_image_bytes=cfg.data.max_image_bytes)
     kinds = {d.kind for d in datasets}
-    if kinds == {"webdataset"}:
-        from minigpt4.data.webdataset import stage1_batches
+    try:
+        if kinds == {"webdataset"}:
+            from minigpt4.data.webdataset import stage1_batches
 
-        return stage1_batches([(d.path, d.ratio) for d in datasets], transform, cfg.data.batch_size,
-                              shuffle_buffer=cfg.data.shuffle_buffer,
-                              process_captions=cfg.data.process_captions, **common)
-    if kinds == {"aligned"} and len(datasets) == 1:
-        from minigpt4.data.aligned import stage2_batches
+            return stage1_batches([(d.path, d.ratio) for d in datasets], transform, cfg.data.batch_size,
+                                  shuffle_buffer=cfg.data.shuffle_buffer,
+                                  process_captions=cfg.data.process_captions, **common)
+        if kinds == {"aligned"} and len(datasets) == 1:
+            from minigpt4.data.aligned import stage2_batches
 
-        return stage2_batches(datasets[0].path, transform, cfg.data.batch_size, **common)
+            return stage2_batches(datasets[0].path, transform, cfg.data.batch_size, **common)
+    except ValueError as err:  # the readers' checks of what they were given: remote shards, too few pairs, bad JSON
+        raise ConfigError(f"data.datasets: {err}") from err
     raise ConfigError(
         "data.datasets must be one or more kind=webdataset sources (stage 1) or exactly one kind=aligned "
         f"folder (stage 2); got {[(d.kind, d.path) for d in datasets]}"
