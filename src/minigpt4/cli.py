@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("minigpt4.commands.fetch", "download and verify the released weights of a preset into the cache"),
     "apply-delta": ("minigpt4.commands.apply_delta", "base + delta weights (Vicuna v0) -> a model folder, shard by shard"),
     "make-delta": ("minigpt4.commands.make_delta", "the delta from a base model to a target (reverse of apply-delta)"),
+    "export": ("minigpt4.commands.export", "write the model as a plain transformers BLIP-2 folder"),
 }
 
 

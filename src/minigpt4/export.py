@@ -1,0 +1,317 @@
+"""MiniGPT-4 as a plain transformers `Blip2ForConditionalGeneration` folder, and the input recipe it needs.
+
+MiniGPT-4 is BLIP-2's vision side in front of a causal LM, so transformers' BLIP-2 class holds it
+with no custom code: our EVA-ViT-g is `vision_model`, ln_vision its `post_layernorm`, our Q-Former
+`qformer` (+ `query_tokens`), our projection `language_projection`, the LLM `language_model`.
+transformers splices the projected image features wherever the image token sits in `input_ids`;
+MiniGPT-4 puts the image in the middle of its prompt, so the export adds that token to the
+tokenizer and embedding matrix, and `build_inputs` lays a prompt out with the image tokens exactly
+where `layout_sample` (our one layout function) puts the image.
+
+What cannot be carried over exactly, and how it is handled:
+- ln_vision has eps 1e-5, the ViT blocks 1e-6, but transformers gives `post_layernorm` the blocks'
+  eps (one `layer_norm_eps`). No weight rescaling can express a per-token eps change, so the
+  blocks keep theirs (39 layers of exact pre-norms matter more) and ln_vision runs at 1e-6; the
+  export measures what that changes in the image embeddings and reports it.
+- The EfficientNet tower (embedded preset) and the merge4 connector (Llama-2 release) have no
+  BLIP-2 counterpart (the class builds a `Blip2VisionModel` and a Q-Former, always): export refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from minigpt4.config import ConfigError
+from minigpt4.processing.image import CLIP_MEAN, CLIP_STD
+from minigpt4.processing.prompt import layout_sample
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"  # what transformers' Blip2Processor adds; one per Q-Former query
+QUESTION = "{question}"  # where the user's question goes in the prompt the model card shows
+
+
+@dataclass
+class ExportReport:
+    """What `export_transformers` wrote and measured."""
+
+    directory: Path
+    image_token_id: int
+    prompt: str  # the one-question prompt, with `QUESTION` and "<ImageHere>"
+    image_embeds_max_diff: float  # transformers' image embeddings vs ours on a probe image
+
+
+def build_inputs(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, num_image_tokens: int, image_token_id: int, add_bos: bool = True
+) -> list[int]:
+    """`input_ids` for transformers' BLIP-2 class: `prompt` (one "<ImageHere>" per image) laid out as
+    `layout_sample` does, with `num_image_tokens` copies of `image_token_id` at each image."""
+    laid = layout_sample(tokenizer, prompt, num_image_tokens, add_bos=add_bos)
+    return [image_token_id if is_image else token for token, is_image in zip(laid.input_ids, laid.image_mask)]
+
+
+def check_exportable(model) -> None:
+    """Raise ConfigError (one line) when the model has no BLIP-2 form."""
+    if model.config.vision.arch != "eva_vit_g":
+        raise ConfigError(
+            f"model.vision.arch={model.config.vision.arch} cannot be exported to transformers: "
+            "Blip2ForConditionalGeneration always builds an EVA-style Blip2VisionModel, which cannot hold the "
+            "EfficientNet tower; only eva_vit_g models (minigpt4-7b/13b, tiny) export"
+        )
+    if model.qformer is None:
+        raise ConfigError(
+            f"model.connector={model.config.connector} cannot be exported to transformers: "
+            "Blip2ForConditionalGeneration always puts a Q-Former between the vision tower and the LLM"
+        )
+
+
+def blip2_configs(model, image_token_id: int, vocab_size: int):
+    """The `Blip2Config` holding our config's towers and the LLM's own config as `text_config`."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+
+    vision, qformer = model.config.vision, model.config.qformer
+    text_config = copy.deepcopy(model.llm.config)
+    text_config.vocab_size = vocab_size
+    text_config.use_cache = True
+    return Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=vision.width,
+            intermediate_size=vision.mlp_dim,
+            num_hidden_layers=vision.depth,
+            num_attention_heads=vision.num_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            layer_norm_eps=vision.layer_norm_eps,  # also post_layernorm's (ln_vision's 1e-5): see the module doc
+            qkv_bias=True,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=qformer.hidden_size,
+            num_hidden_layers=qformer.num_layers,
+            num_attention_heads=qformer.num_heads,
+            intermediate_size=qformer.intermediate_size,
+            cross_attention_frequency=qformer.cross_attention_freq,
+            encoder_hidden_size=vision.width,
+            layer_norm_eps=qformer.layer_norm_eps,
+        ).to_dict(),
+        text_config=text_config.to_dict(),
+        num_query_tokens=qformer.num_query_tokens,
+        image_token_index=image_token_id,
+    )
+
+
+def vision_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our EVA-ViT + ln_vision under `Blip2VisionModel`'s names (EVA's q/v biases become one qkv bias)."""
+    s = model.vision.state_dict()
+    out = {
+        "embeddings.class_embedding": s["cls_token"],
+        "embeddings.position_embedding": s["pos_embed"],
+        "embeddings.patch_embedding.weight": s["patch_embed.proj.weight"],
+        "embeddings.patch_embedding.bias": s["patch_embed.proj.bias"],
+        "post_layernorm.weight": model.ln_vision.weight,
+        "post_layernorm.bias": model.ln_vision.bias,
+    }
+    renames = [("attn.proj", "self_attn.projection"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+               ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+    for i in range(model.config.vision.depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
+        out[theirs + "self_attn.qkv.weight"] = s[ours + "attn.qkv.weight"]
+        q_bias, v_bias = s[ours + "attn.q_bias"], s[ours + "attn.v_bias"]
+        out[theirs + "self_attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])  # no k bias
+        for ours_name, their_name in renames:
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{their_name}.{kind}"] = s[f"{ours}{ours_name}.{kind}"]
+    return out
+
+
+def qformer_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our Q-Former under `Blip2QFormerModel`'s names (its query path: BERT's `*_query` feed-forward)."""
+    s = model.qformer.state_dict()
+    out = {"layernorm.weight": s["embed_norm.weight"], "layernorm.bias": s["embed_norm.bias"]}
+    attention = [("query", "attention.query"), ("key", "attention.key"), ("value", "attention.value"),
+                 ("out", "output.dense"), ("norm", "output.LayerNorm")]
+    ffn = [("fc1", "intermediate_query.dense"), ("fc2", "output_query.dense"), ("norm", "output_query.LayerNorm")]
+    for i, layer in enumerate(model.qformer.layers):
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        blocks = [("self_attn", "attention", attention), ("ffn", None, ffn)]
+        if layer.cross_attn is not None:
+            blocks.append(("cross_attn", "crossattention", attention))
+        for ours_block, their_block, names in blocks:
+            for ours_name, their_name in names:
+                prefix = f"{theirs}{their_block}.{their_name}" if their_block else f"{theirs}{their_name}"
+                for kind in ("weight", "bias"):
+                    out[f"{prefix}.{kind}"] = s[f"{ours}{ours_block}.{ours_name}.{kind}"]
+    return out
+
+
+def _probe_image_embeds_diff(model, vision_model, qformer_model, query_tokens: torch.Tensor,
+                             projection: torch.nn.Linear) -> float:
+    """Max |transformers' - ours| over the projected image embeddings of one fixed random image."""
+    size = model.config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.encode_images(pixels).float().cpu()
+        image = vision_model(pixel_values=pixels.to(vision_model.dtype)).last_hidden_state
+        queries = qformer_model(query_embeds=query_tokens, encoder_hidden_states=image).last_hidden_state
+        theirs = projection(queries).float()
+    return float((ours - theirs).abs().max())
+
+
+def export_transformers(model, directory: str | Path, overwrite: bool = False) -> ExportReport:
+    """Write `model` as a folder that `transformers.Blip2ForConditionalGeneration.from_pretrained` loads
+    strictly: weights, config, generation_config.json (the model's decoding and template stops), the
+    processor (image processor + tokenizer with the image token) and a model card showing the inputs."""
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerModel,
+        Blip2VisionModel,
+        GenerationConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from minigpt4.chat.templates import Message, get_template
+
+    check_exportable(model)
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} is not empty: give a new folder (or --overwrite)")
+
+    tokenizer = copy.deepcopy(model.tokenizer)
+    image_processor = BlipImageProcessorPil(
+        size={"height": model.config.vision.image_size, "width": model.config.vision.image_size},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    num_queries = model.config.qformer.num_query_tokens
+    processor = Blip2Processor(image_processor, tokenizer, num_query_tokens=num_queries)  # adds IMAGE_TOKEN
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab_size = max(len(tokenizer), model.llm.get_input_embeddings().num_embeddings)
+
+    config = blip2_configs(model, image_token_id, vocab_size)
+    with torch.device("meta"):
+        blip2 = Blip2ForConditionalGeneration(config)
+    llm_state = {k: v.detach().float().cpu() for k, v in model.llm.state_dict().items()}
+    old_rows = model.llm.get_input_embeddings().num_embeddings
+    grown: dict[str, torch.Tensor] = {}
+    for name, tensor in llm_state.items():
+        is_vocab_matrix = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        if is_vocab_matrix and tensor.dim() == 2 and tensor.shape[0] == old_rows:
+            # The image token's rows: its input embedding is always overwritten by the image features, and
+            # generation_config suppresses it as an output, so zeros are exact.
+            grown[name] = torch.cat([tensor, tensor.new_zeros(vocab_size - old_rows, tensor.shape[1])])
+    llm_state.update(grown)
+    state = {f"language_model.{k}": v for k, v in llm_state.items()}
+    state |= {f"vision_model.{k}": v for k, v in vision_state_dict(model).items()}
+    state |= {f"qformer.{k}": v for k, v in qformer_state_dict(model).items()}
+    state["query_tokens"] = model.qformer.query_tokens
+    state["language_projection.weight"] = model.proj.weight
+    state["language_projection.bias"] = model.proj.bias
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    if blip2.config.text_config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    blip2.load_state_dict(state, strict=True, assign=True)
+    blip2.tie_weights()
+    blip2.eval()
+
+    diff = _probe_image_embeds_diff(model, blip2.vision_model, blip2.qformer, blip2.query_tokens,
+                                    blip2.language_projection)
+    blip2.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+    defaults = model.chat_defaults
+    template = get_template(defaults.template, model.tokenizer)
+    prompt = template.render([Message("user", QUESTION, images=1)], defaults.system)
+    decoding = defaults.decoding()
+    if not decoding["do_sample"]:
+        for name in ("temperature", "top_p", "top_k"):
+            decoding.pop(name)
+    stop_strings = [s for s in template.stop if s != tokenizer.eos_token]
+    GenerationConfig(
+        **decoding,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=[image_token_id],
+        **({"stop_strings": stop_strings} if stop_strings else {}),
+    ).save_pretrained(directory)
+    (directory / "README.md").write_text(model_card(prompt, num_queries, image_token_id, template.add_bos,
+                                                     stop_strings, diff))
+    log.info("exported to %s: image token %d, image embeddings within %.2e of ours", directory, image_token_id, diff)
+    return ExportReport(directory, image_token_id, prompt, diff)
+
+
+def model_card(prompt: str, num_image_tokens: int, image_token_id: int, add_bos: bool, stop_strings: list[str],
+               image_embeds_max_diff: float) -> str:
+    """The folder's README.md: what it is and a script using transformers alone (the recipe inlined)."""
+    cut = "".join(f"    answer = answer.split({s!r})[0]\n" for s in stop_strings)
+    return f'''---
+library_name: transformers
+pipeline_tag: image-text-to-text
+---
+# MiniGPT-4 in transformers' BLIP-2 form
+
+Exported by `minigpt4 export --format transformers`. It loads in plain transformers
+(`Blip2ForConditionalGeneration`, no `trust_remote_code`): EVA-ViT-g as `vision_model`
+(MiniGPT-4's `ln_vision` as `post_layernorm`), the Q-Former, MiniGPT-4's projection as
+`language_projection`, and the LLM as `language_model`.
+
+MiniGPT-4 puts the image in the *middle* of its prompt, and its text pieces are tokenized
+separately (each without special tokens, BOS once at the start). `Blip2Processor` would put the
+image tokens in front, so build `input_ids` as below: {num_image_tokens} copies of the image token
+(`{IMAGE_TOKEN}`, id {image_token_id}) where the prompt says `<ImageHere>`.
+
+`post_layernorm` uses the ViT blocks' eps where MiniGPT-4's `ln_vision` uses 1e-5 (transformers
+has one `layer_norm_eps` for both); on a random probe image the image embeddings stay within
+{image_embeds_max_diff:.1e} of MiniGPT-4's own.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+PROMPT = {prompt!r}
+NUM_IMAGE_TOKENS = {num_image_tokens}
+ADD_BOS = {add_bos}
+
+
+def build_inputs(tokenizer, prompt, num_image_tokens, image_token_id, add_bos=True):
+    """MiniGPT-4's layout: [BOS] text piece, image tokens, text piece, ... (pieces tokenized alone)."""
+    ids = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    pieces = prompt.split("<ImageHere>")
+    for index, piece in enumerate(pieces):
+        if piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if index < len(pieces) - 1:
+            ids += [image_token_id] * num_image_tokens
+    return ids
+
+
+def answer(model, processor, image, question, **generate_kwargs):
+    tokenizer = processor.tokenizer
+    pixel_values = processor.image_processor(image.convert("RGB"), return_tensors="pt").pixel_values
+    input_ids = build_inputs(tokenizer, PROMPT.replace("{QUESTION}", question.strip()), NUM_IMAGE_TOKENS,
+                             model.config.image_token_id, ADD_BOS)
+    output = model.generate(pixel_values=pixel_values.to(model.dtype), input_ids=torch.tensor([input_ids]),
+                            tokenizer=tokenizer, **generate_kwargs)
+    answer = tokenizer.decode(output[0, len(input_ids):], skip_special_tokens=True)
+{cut}    return answer.strip()
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder, image, question = sys.argv[1:4]
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")  # MiniGPT-4 resizes with PIL
+    print(answer(model, processor, Image.open(image), question, do_sample=False))
+```
+
+Saved as `card.py`: `python card.py THIS_FOLDER IMAGE "QUESTION"` prints the greedy answer.
+`generation_config.json` holds the model's own decoding (the call above overrides it with greedy);
+it suppresses the image token as an output and stops at the template's stop strings.
+'''

@@ -1,0 +1,113 @@
+"""`minigpt4 export --format transformers`: a folder plain transformers loads and answers with as `minigpt4 chat`."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+from minigpt4.chat import Chat
+from minigpt4.cli import main
+from minigpt4.config import ConfigError, QFormerConfig, VisionConfig, model_preset
+from minigpt4.export import IMAGE_TOKEN, build_inputs, check_exportable, export_transformers
+from minigpt4.model.llm import load_llm
+from minigpt4.model.minigpt4 import MiniGPT4
+from minigpt4.processing.image import eval_transform
+from minigpt4.processing.prompt import collate_layouts, layout_sample
+
+QUESTION = "What is in the picture?"
+
+
+@pytest.fixture
+def exported(tiny_model, tmp_path):
+    out = tmp_path / "hf"
+    report = export_transformers(tiny_model, out)
+    return tiny_model, out, report
+
+
+def _card_namespace(folder) -> dict:
+    """The model card's Python block, executed: it imports transformers, torch and PIL only."""
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    assert "minigpt4" not in code
+    namespace: dict = {"__name__": "card"}
+    exec(code, namespace)
+    return namespace
+
+
+def test_export_loads_strictly_in_plain_transformers(exported):
+    model, out, report = exported
+    hf, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    assert hf.config.image_token_id == report.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert hf.config.num_query_tokens == model.num_image_tokens
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    assert hf.get_input_embeddings().num_embeddings == vocab + 1 == len(processor.tokenizer)
+    assert hf.generation_config.suppress_tokens == [report.image_token_id]
+    assert hf.generation_config.stop_strings == ["###"]  # the vicuna_v0 template's
+    assert hf.generation_config.do_sample and hf.generation_config.top_p == 0.9  # the release's decoding
+    torch.testing.assert_close(hf.language_projection.weight, model.proj.weight)
+    assert report.image_embeds_max_diff < 1e-4  # post_layernorm at the blocks' eps instead of 1e-5
+
+
+def test_plain_transformers_logits_and_greedy_answer_equal_minigpt4_chat(exported, photo):
+    model, out, report = exported
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    card = _card_namespace(out)
+
+    pixels = processor.image_processor(photo, return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixels[0], eval_transform(224)(photo), rtol=0, atol=1e-5)
+    prompt = card["PROMPT"].replace("{question}", QUESTION)
+    input_ids = card["build_inputs"](processor.tokenizer, prompt, card["NUM_IMAGE_TOKENS"], report.image_token_id)
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, input_ids=torch.tensor([input_ids])).logits[0, :, :-1]  # drop <image>
+        laid = layout_sample(model.tokenizer, prompt, model.num_image_tokens)
+        batch = collate_layouts([laid], 0)
+        ours = model.llm(inputs_embeds=model.embed(batch, model.encode_images(pixels))).logits[0]
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    chat = Chat(model, eval_transform(224))
+    chat.upload(photo)
+    chat.ask(QUESTION)
+    expected = chat.answer(do_sample=False, max_new_tokens=16)
+    assert card["answer"](hf, processor, photo, QUESTION, do_sample=False, max_new_tokens=16) == expected
+
+
+def test_card_recipe_and_build_inputs_follow_layout_sample(exported):
+    model, out, report = exported
+    processor = AutoProcessor.from_pretrained(out, backend="pil")
+    card = _card_namespace(out)
+    prompt = "sys###Human: <Img><ImageHere></Img> one <Img><ImageHere></Img>  two###Assistant: "
+    ids = build_inputs(processor.tokenizer, prompt, 3, report.image_token_id)
+    assert card["build_inputs"](processor.tokenizer, prompt, 3, report.image_token_id) == ids
+    laid = layout_sample(model.tokenizer, prompt, 3)
+    assert [t for t, image in zip(laid.input_ids, laid.image_mask) if not image] == [
+        t for t in ids if t != report.image_token_id]
+    assert [t == report.image_token_id for t in ids] == laid.image_mask
+    assert ids[0] == model.tokenizer.bos_token_id
+
+
+def test_efficientnet_tower_is_refused_in_one_line(tiny_llm_dir):
+    cfg = model_preset("tiny")
+    cfg.vision = VisionConfig(arch="efficientnet_lite0")
+    cfg.qformer = QFormerConfig(num_query_tokens=4, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
+    cfg.llm.path = str(tiny_llm_dir)
+    llm, tokenizer = load_llm(cfg.llm)
+    with pytest.raises(ConfigError, match=r"^model.vision.arch=efficientnet_lite0 cannot be exported") as err:
+        check_exportable(MiniGPT4(cfg, llm, tokenizer))
+    assert "\n" not in str(err.value)
+
+
+def test_export_command_writes_a_loadable_folder_from_a_checkpoint(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "hf"
+    assert main(["export", "--format", "transformers", str(out), "--checkpoint", str(tmp_path / "ckpt")]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",
+            "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert "image token id" in capsys.readouterr().err
+    assert main(["export", "--format", "transformers", str(out), "--checkpoint", str(tmp_path / "ckpt")]) == 2
+    error = f"error: {out} is not empty: give a new folder, or --overwrite"
+    assert capsys.readouterr().err.strip().splitlines() == [error]
