@@ -156,6 +156,8 @@ def test_context_budget_and_input_errors(tiny_model, pixels):
         GenerationSettings(top_p=1.5)
     with pytest.raises(TypeError, match="unknown generation setting"):
         GREEDY.replace(beams=2)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        stream_batch(tiny_model, [], [], GREEDY, lambda row, text: None)
 
 
 def test_closing_a_stream_stops_generation(bigram_model, pixels):

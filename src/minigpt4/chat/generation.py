@@ -102,6 +102,8 @@ Settings = GenerationSettings | Sequence[GenerationSettings]  # one for every ro
 
 def _row_settings(settings: Settings | None, count: int) -> list[GenerationSettings]:
     """Per row its settings; rows must agree on everything `GenerationSettings.shared` names."""
+    if count == 0:
+        raise ValueError("generate needs at least one prompt")
     if settings is None or isinstance(settings, GenerationSettings):
         return [settings or GenerationSettings()] * count
     rows = list(settings)
