@@ -13,6 +13,8 @@ What cannot be carried over exactly, and how it is handled:
   eps (one `layer_norm_eps`). No weight rescaling can express a per-token eps change, so the
   blocks keep theirs (39 layers of exact pre-norms matter more) and ln_vision runs at 1e-6; the
   export measures what that changes in the image embeddings and reports it.
+- `from_pretrained` reads such a folder back (`import_transformers`): a `minigpt4` entry in its config
+  records our model config and chat defaults; the image token leaves the tokenizer and the LLM again.
 - The EfficientNet tower (embedded preset) and the merge4 connector (Llama-2 release) have no
   BLIP-2 counterpart (the class builds a `Blip2VisionModel` and a Q-Former, always): export refuses.
 """
@@ -27,7 +29,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4.config import ConfigError
+from minigpt4.config import ConfigError, ModelConfig, from_dict, to_dict
+from minigpt4.convert import CheckpointError, read_json_object
 from minigpt4.processing.image import CLIP_MEAN, CLIP_STD
 from minigpt4.processing.prompt import layout_sample
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"  # what transformers' Blip2Processor adds; one per Q-Former query
 QUESTION = "{question}"  # where the user's question goes in the prompt the model card shows
+EXPORT_VERSION = 1  # of the `minigpt4` entry in the exported config.json
+ENTRY_KEYS = {"format_version", "model", "chat", "llm_vocab_size"}
 
 
 @dataclass
@@ -56,23 +61,24 @@ def build_inputs(
     return [image_token_id if is_image else token for token, is_image in zip(laid.input_ids, laid.image_mask)]
 
 
-def check_exportable(model) -> None:
-    """Raise ConfigError (one line) when the model has no BLIP-2 form."""
-    if model.config.vision.arch != "eva_vit_g":
+def check_exportable(config: ModelConfig) -> None:
+    """Raise ConfigError (one line) when a model of this config has no BLIP-2 form."""
+    if config.vision.arch != "eva_vit_g":
         raise ConfigError(
-            f"model.vision.arch={model.config.vision.arch} cannot be exported to transformers: "
+            f"model.vision.arch={config.vision.arch} cannot be exported to transformers: "
             "Blip2ForConditionalGeneration always builds an EVA-style Blip2VisionModel, which cannot hold the "
             "EfficientNet tower; only eva_vit_g models (minigpt4-7b/13b, tiny) export"
         )
-    if model.qformer is None:
+    if config.connector != "qformer":
         raise ConfigError(
-            f"model.connector={model.config.connector} cannot be exported to transformers: "
+            f"model.connector={config.connector} cannot be exported to transformers: "
             "Blip2ForConditionalGeneration always puts a Q-Former between the vision tower and the LLM"
         )
 
 
 def blip2_configs(model, image_token_id: int, vocab_size: int):
-    """The `Blip2Config` holding our config's towers and the LLM's own config as `text_config`."""
+    """The `Blip2Config` holding our config's towers and the LLM's own config as `text_config`, plus a
+    `minigpt4` entry (our model config, chat defaults, the LLM's own vocabulary size) for the way back."""
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
     vision, qformer = model.config.vision, model.config.qformer
@@ -102,51 +108,75 @@ def blip2_configs(model, image_token_id: int, vocab_size: int):
         text_config=text_config.to_dict(),
         num_query_tokens=qformer.num_query_tokens,
         image_token_index=image_token_id,
+        minigpt4={"format_version": EXPORT_VERSION, "model": to_dict(model.config),
+                  "chat": model.chat_defaults.record(),
+                  "llm_vocab_size": model.llm.get_input_embeddings().num_embeddings},
     )
 
 
-def vision_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our EVA-ViT + ln_vision under `Blip2VisionModel`'s names (EVA's q/v biases become one qkv bias)."""
-    s = model.vision.state_dict()
-    out = {
-        "embeddings.class_embedding": s["cls_token"],
-        "embeddings.position_embedding": s["pos_embed"],
-        "embeddings.patch_embedding.weight": s["patch_embed.proj.weight"],
-        "embeddings.patch_embedding.bias": s["patch_embed.proj.bias"],
-        "post_layernorm.weight": model.ln_vision.weight,
-        "post_layernorm.bias": model.ln_vision.bias,
+def tower_key_map(config: ModelConfig, qformer) -> dict[str, str]:
+    """Our tower keys (`MiniGPT4.tower_state_dict`) -> `Blip2ForConditionalGeneration`'s, one to one, except
+    EVA's `q_bias`/`v_bias`, which transformers holds as one `qkv.bias` (with a zero key bias): see `EVA_QKV_BIAS`."""
+    keys = {
+        "vision.cls_token": "vision_model.embeddings.class_embedding",
+        "vision.pos_embed": "vision_model.embeddings.position_embedding",
+        "vision.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+        "vision.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+        "ln_vision.weight": "vision_model.post_layernorm.weight",
+        "ln_vision.bias": "vision_model.post_layernorm.bias",
+        "qformer.query_tokens": "query_tokens",
+        "qformer.embed_norm.weight": "qformer.layernorm.weight",
+        "qformer.embed_norm.bias": "qformer.layernorm.bias",
+        "proj.weight": "language_projection.weight",
+        "proj.bias": "language_projection.bias",
     }
-    renames = [("attn.proj", "self_attn.projection"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-               ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
-    for i in range(model.config.vision.depth):
-        ours, theirs = f"blocks.{i}.", f"encoder.layers.{i}."
-        out[theirs + "self_attn.qkv.weight"] = s[ours + "attn.qkv.weight"]
-        q_bias, v_bias = s[ours + "attn.q_bias"], s[ours + "attn.v_bias"]
-        out[theirs + "self_attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])  # no k bias
-        for ours_name, their_name in renames:
+    vision_names = [("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"), ("norm1", "layer_norm1"),
+                    ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+    for i in range(config.vision.depth):
+        for ours, theirs in vision_names:
             for kind in ("weight", "bias"):
-                out[f"{theirs}{their_name}.{kind}"] = s[f"{ours}{ours_name}.{kind}"]
-    return out
-
-
-def qformer_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our Q-Former under `Blip2QFormerModel`'s names (its query path: BERT's `*_query` feed-forward)."""
-    s = model.qformer.state_dict()
-    out = {"layernorm.weight": s["embed_norm.weight"], "layernorm.bias": s["embed_norm.bias"]}
+                if (ours, kind) != ("attn.qkv", "bias"):  # EVA has no qkv bias of its own
+                    keys[f"vision.blocks.{i}.{ours}.{kind}"] = f"vision_model.encoder.layers.{i}.{theirs}.{kind}"
+    # The Q-Former's query path: BERT attention blocks, and the queries' own feed-forward (`*_query`).
     attention = [("query", "attention.query"), ("key", "attention.key"), ("value", "attention.value"),
                  ("out", "output.dense"), ("norm", "output.LayerNorm")]
     ffn = [("fc1", "intermediate_query.dense"), ("fc2", "output_query.dense"), ("norm", "output_query.LayerNorm")]
-    for i, layer in enumerate(model.qformer.layers):
-        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
-        blocks = [("self_attn", "attention", attention), ("ffn", None, ffn)]
+    for i, layer in enumerate(qformer.layers):
+        blocks = [("self_attn", "attention.", attention), ("ffn", "", ffn)]
         if layer.cross_attn is not None:
-            blocks.append(("cross_attn", "crossattention", attention))
+            blocks.append(("cross_attn", "crossattention.", attention))
         for ours_block, their_block, names in blocks:
-            for ours_name, their_name in names:
-                prefix = f"{theirs}{their_block}.{their_name}" if their_block else f"{theirs}{their_name}"
+            for ours, theirs in names:
                 for kind in ("weight", "bias"):
-                    out[f"{prefix}.{kind}"] = s[f"{ours}{ours_block}.{ours_name}.{kind}"]
-    return out
+                    keys[f"qformer.layers.{i}.{ours_block}.{ours}.{kind}"] = (
+                        f"qformer.encoder.layer.{i}.{their_block}{theirs}.{kind}")
+    return keys
+
+
+EVA_QKV_BIAS = ("vision.blocks.{i}.attn.q_bias", "vision.blocks.{i}.attn.v_bias",
+                "vision_model.encoder.layers.{i}.self_attn.qkv.bias")
+
+
+def towers_to_blip2(model) -> dict[str, torch.Tensor]:
+    """Our vision tower, ln_vision, Q-Former and projection under `Blip2ForConditionalGeneration`'s names."""
+    ours = model.tower_state_dict()
+    state = {theirs: ours[key] for key, theirs in tower_key_map(model.config, model.qformer).items()}
+    for i in range(model.config.vision.depth):
+        q_key, v_key, qkv_key = (name.format(i=i) for name in EVA_QKV_BIAS)
+        state[qkv_key] = torch.cat([ours[q_key], torch.zeros_like(ours[q_key]), ours[v_key]])
+    return state
+
+
+def towers_from_blip2(model, blip2_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The inverse of `towers_to_blip2`, for `model.load_tower_state_dict`; a key bias EVA cannot hold is an error."""
+    state = {key: blip2_state[theirs] for key, theirs in tower_key_map(model.config, model.qformer).items()}
+    for i in range(model.config.vision.depth):
+        q_key, v_key, qkv_key = (name.format(i=i) for name in EVA_QKV_BIAS)
+        q_bias, k_bias, v_bias = blip2_state[qkv_key].chunk(3)
+        if k_bias.any():
+            raise CheckpointError(f"{source}: {qkv_key} has a nonzero key bias, which EVA-ViT-g has not")
+        state[q_key], state[v_key] = q_bias, v_bias
+    return state
 
 
 def _probe_image_embeds_diff(model, vision_model, qformer_model, query_tokens: torch.Tensor,
@@ -169,15 +199,13 @@ def export_transformers(model, directory: str | Path, overwrite: bool = False) -
     from transformers import (
         Blip2ForConditionalGeneration,
         Blip2Processor,
-        Blip2QFormerModel,
-        Blip2VisionModel,
         GenerationConfig,
     )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from minigpt4.chat.templates import Message, get_template
 
-    check_exportable(model)
+    check_exportable(model.config)
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} is not empty: give a new folder (or --overwrite)")
@@ -205,12 +233,7 @@ def export_transformers(model, directory: str | Path, overwrite: bool = False) -
             # generation_config suppresses it as an output, so zeros are exact.
             grown[name] = torch.cat([tensor, tensor.new_zeros(vocab_size - old_rows, tensor.shape[1])])
     llm_state.update(grown)
-    state = {f"language_model.{k}": v for k, v in llm_state.items()}
-    state |= {f"vision_model.{k}": v for k, v in vision_state_dict(model).items()}
-    state |= {f"qformer.{k}": v for k, v in qformer_state_dict(model).items()}
-    state["query_tokens"] = model.qformer.query_tokens
-    state["language_projection.weight"] = model.proj.weight
-    state["language_projection.bias"] = model.proj.bias
+    state = {f"language_model.{k}": v for k, v in llm_state.items()} | towers_to_blip2(model)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     if blip2.config.text_config.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
@@ -315,3 +338,75 @@ Saved as `card.py`: `python card.py THIS_FOLDER IMAGE "QUESTION"` prints the gre
 `generation_config.json` holds the model's own decoding (the call above overrides it with greedy);
 it suppresses the image token as an output and stops at the template's stop strings.
 '''
+
+
+def is_transformers_export(directory: Path) -> bool:
+    """Whether `directory/config.json` is a BLIP-2 config (a folder `export_transformers` writes)."""
+    path = directory / "config.json"
+    return path.is_file() and read_json_object(path).get("model_type") == "blip-2"
+
+
+def _tokenizer_without_image_token(directory: Path, pad_token: str) -> PreTrainedTokenizerBase:
+    """The exported tokenizer minus the image token, so text reads as it did before export (a typed
+    "<image>" is plain text again). The tokenizer file is edited in a temporary copy of its files;
+    transformers has no call that removes an added token."""
+    import json
+    import shutil
+    import tempfile
+
+    from minigpt4.model.llm import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="minigpt4-tokenizer-") as scratch:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+            if (directory / name).is_file():
+                shutil.copy(directory / name, Path(scratch) / name)
+        path = Path(scratch) / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{directory} has no tokenizer.json: not a folder written by minigpt4 export")
+        data = json.loads(path.read_text())
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != IMAGE_TOKEN]
+        path.write_text(json.dumps(data))
+        return load_tokenizer(scratch, pad_token)
+
+
+def import_transformers(directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None):
+    """A `MiniGPT4` from a folder `export_transformers` wrote (the inverse; read by transformers, strictly)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from minigpt4.chat.defaults import ChatDefaults
+    from minigpt4.model.llm import DTYPES, check_loading_report
+    from minigpt4.model.minigpt4 import MiniGPT4
+
+    directory = Path(directory)
+    source = str(directory / "config.json")
+    entry = read_json_object(directory / "config.json").get("minigpt4")
+    if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS or entry["format_version"] != EXPORT_VERSION:
+        raise CheckpointError(f"{source}: a BLIP-2 config without a 'minigpt4' entry of version {EXPORT_VERSION}: "
+                              "only folders written by `minigpt4 export --format transformers` load as MiniGPT-4")
+    try:
+        config = from_dict(ModelConfig, entry["model"], prefix="model.")
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: minigpt4.{err}") from err
+    config.llm.path = ""  # the LLM lives in this folder; save_pretrained then stores it with the model
+    if device is not None:
+        config.device = str(device)
+    if dtype is not None:
+        config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    blip2, report = Blip2ForConditionalGeneration.from_pretrained(
+        directory, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
+    check_loading_report(blip2, report, str(directory))
+    llm = blip2.language_model
+    llm.resize_token_embeddings(int(entry["llm_vocab_size"]))  # drops the image token's rows
+    # The export's decoding (suppressing the image token, template stops) is for transformers' generate; the
+    # LLM gets what it would have had from its own config. The chat defaults carry the model's decoding.
+    llm.generation_config = type(llm.generation_config).from_model_config(llm.config)
+    tokenizer = _tokenizer_without_image_token(directory, config.llm.pad_token)
+    model = MiniGPT4(config, llm, tokenizer, towers_on_meta=True)
+    blip2_state = blip2.state_dict()
+    model.load_tower_state_dict(towers_from_blip2(model, blip2_state, source), source=source)
+    model.chat_defaults = ChatDefaults.from_record(entry["chat"], source)
+    llm.requires_grad_(False)
+    llm.config.use_cache = False
+    model.lock()
+    return model.place(config.device, DTYPES[config.dtype])

@@ -10,9 +10,8 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
 from minigpt4.chat import Chat
 from minigpt4.cli import main
-from minigpt4.config import ConfigError, QFormerConfig, VisionConfig, model_preset
+from minigpt4.config import ConfigError, model_preset
 from minigpt4.export import IMAGE_TOKEN, build_inputs, check_exportable, export_transformers
-from minigpt4.model.llm import load_llm
 from minigpt4.model.minigpt4 import MiniGPT4
 from minigpt4.processing.image import eval_transform
 from minigpt4.processing.prompt import collate_layouts, layout_sample
@@ -90,15 +89,45 @@ def test_card_recipe_and_build_inputs_follow_layout_sample(exported):
     assert ids[0] == model.tokenizer.bos_token_id
 
 
-def test_efficientnet_tower_is_refused_in_one_line(tiny_llm_dir):
-    cfg = model_preset("tiny")
-    cfg.vision = VisionConfig(arch="efficientnet_lite0")
-    cfg.qformer = QFormerConfig(num_query_tokens=4, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64)
-    cfg.llm.path = str(tiny_llm_dir)
-    llm, tokenizer = load_llm(cfg.llm)
+def test_efficientnet_tower_and_merge4_are_refused_in_one_line(tiny_model, tmp_path, capsys):
+    cfg = model_preset("embedded")
     with pytest.raises(ConfigError, match=r"^model.vision.arch=efficientnet_lite0 cannot be exported") as err:
-        check_exportable(MiniGPT4(cfg, llm, tokenizer))
+        check_exportable(cfg)
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^model.connector=merge4 cannot be exported"):
+        check_exportable(model_preset("minigpt4-llama2-7b"))
+    # From the command: refused from the checkpoint's config, before any model is loaded.
+    tiny_model.config.vision.arch = "efficientnet_lite0"
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    args = ["export", "--format", "transformers", str(tmp_path / "hf"), "--checkpoint", str(tmp_path / "ckpt")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.vision.arch=efficientnet_lite0 cannot be exported")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_round_trip_from_pretrained_reads_the_export_back_identically(exported, tmp_path, photo):
+    model, out, _ = exported
+    model.chat_defaults = model.chat_defaults.replace(template="vicuna_v0_train", system="")
+    export_transformers(model, tmp_path / "again")
+    back = MiniGPT4.from_pretrained(tmp_path / "again")
+    assert back.tower_state_dict().keys() == model.tower_state_dict().keys()
+    for key, tensor in model.tower_state_dict().items():
+        assert torch.equal(back.tower_state_dict()[key], tensor), key
+    for key, tensor in model.llm.state_dict().items():
+        assert torch.equal(back.llm.state_dict()[key], tensor), key
+    assert back.config.vision == model.config.vision and back.config.qformer == model.config.qformer
+    assert back.chat_defaults.record() == model.chat_defaults.record()
+    text = "a <image> tag ###Human: typed"
+    assert back.tokenizer(text).input_ids == model.tokenizer(text).input_ids  # the image token is gone again
+    chat, again = Chat(model, eval_transform(224)), Chat(back, eval_transform(224))
+    for c in (chat, again):
+        c.upload(photo)
+        c.ask(QUESTION)
+    assert again.answer(do_sample=False, max_new_tokens=8) == chat.answer(do_sample=False, max_new_tokens=8)
+    # and our own format from there: the LLM goes with it, as the export folder is no LLM folder
+    back.save_pretrained(tmp_path / "ours")
+    assert (tmp_path / "ours" / "llm" / "config.json").is_file()
 
 
 def test_export_command_writes_a_loadable_folder_from_a_checkpoint(tiny_model, tmp_path, capsys):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from minigpt4.commands import CommandError
-from minigpt4.commands.model_options import add_model_arguments, load_model, split_overrides
+from minigpt4.commands.model_options import add_model_arguments, load_model, model_config_from_args, split_overrides
 
 FORMATS = ("transformers",)
 
@@ -31,8 +31,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.output} exists and is not a folder: give a new folder as OUT")
     if args.output.is_dir() and any(args.output.iterdir()) and not args.overwrite:
         raise CommandError(f"{args.output} is not empty: give a new folder, or --overwrite")
+    from minigpt4.model.minigpt4 import read_folder
+
+    config = model_config_from_args(args, overrides)  # refuse a tower BLIP-2 cannot hold before loading anything
+    check_exportable(read_folder(args.checkpoint)[0] if args.checkpoint is not None else config)
     model = load_model(args, overrides)
-    check_exportable(model)
     report = export_transformers(model, args.output, overwrite=True)
     print(f"wrote {report.directory}: Blip2ForConditionalGeneration + processor, image token id "
           f"{report.image_token_id}; image embeddings within {report.image_embeds_max_diff:.1e} of minigpt4's; "

@@ -359,8 +359,13 @@ class MiniGPT4(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> "MiniGPT4":
-        """Load a folder written by `save_pretrained`. A relative LLM path is relative to the folder."""
+        """Load a folder written by `save_pretrained` (a relative LLM path is relative to the folder), or by
+        `minigpt4 export --format transformers`."""
+        from minigpt4.export import import_transformers, is_transformers_export
+
         directory = Path(directory)
+        if is_transformers_export(directory):
+            return import_transformers(directory, device, dtype)
         config, chat_defaults = read_folder(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
