@@ -144,7 +144,8 @@ def add_ratios(part: str, rows: list[dict], peaks: dict[str, float]) -> None:
         row["memory_ratio"] = row["peak_memory_gib"] / base["peak_memory_gib"]
         if part == "chat":
             row["ttft_ratio"] = row["ttft_s"] / base["ttft_s"]
-            row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
+            measured = row["decode_tok_s"] is not None and base["decode_tok_s"] is not None
+            row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"] if measured else None
             continue
         row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["loss_rel_diff"] = abs(row["loss"] - base["loss"]) / abs(base["loss"])

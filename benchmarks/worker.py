@@ -411,15 +411,17 @@ def run_chat(spec: Spec, model, scratch: Path) -> dict:
             prefills.append(prefill)
             fulls.append(full)
     ttft = sum(ttfts) / len(ttfts)
-    decode_s = (sum(fulls) - sum(prefills)) / len(fulls)  # the N-1 tokens after the first
+    # The N-1 tokens after the first, best-of on both sides (other processes only ever slow a run down). At tiny
+    # dims on a busy machine the difference can drown in noise: then there is no decode rate to report.
+    decode_s = min(fulls) - min(prefills)
     rows = sw.gen_batch
     return {
         "prompt_tokens": prepared.prompt_tokens[0],
         "new_tokens": spec.new_tokens,
         "ttft_s": ttft,
         "prefill_s": sum(prefills) / len(prefills),
-        "decode_tok_s": rows * (spec.new_tokens - 1) / decode_s,  # all rows together
-        "answer_s": ttft + decode_s,
+        "decode_tok_s": rows * (spec.new_tokens - 1) / decode_s if decode_s > 0 else None,  # all rows together
+        "answer_s": ttft + max(decode_s, 0.0),
         "peak_memory_gib": peak_memory_gib(device),
         "peak_setup_gib": setup_peak,
     }

@@ -107,7 +107,9 @@ def test_benchmark_entry_point_smoke(tmp_path, capsys):
     # bf16, the fp16 cache and bucketing move the loss only a little on the same batch
     assert train_rows["fast+cache"]["loss_rel_diff"] < 0.01
     chat_rows = {r["variant"]: r for r in report["parts"]["chat"]}
-    assert chat_rows["fast"]["decode_tok_s"] > 0 and chat_rows["baseline"]["ttft_ratio"] == 1.0
+    assert chat_rows["baseline"]["ttft_ratio"] == 1.0 and chat_rows["fast"]["ttft_s"] > 0
+    # 3 tokens at tiny dims: the decode time may drown in a busy machine's noise, then it is reported as missing
+    assert chat_rows["fast"]["decode_tok_s"] is None or chat_rows["fast"]["decode_tok_s"] > 0
 
 
 def test_baseline_decoding_without_cache_matches_generate(tiny_model):
