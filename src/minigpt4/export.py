@@ -293,6 +293,8 @@ has one `layer_norm_eps` for both); on a random probe image the image embeddings
 {image_embeds_max_diff:.1e} of MiniGPT-4's own.
 
 ```python
+import copy
+
 import torch
 from PIL import Image
 from transformers import AutoProcessor, Blip2ForConditionalGeneration
@@ -319,8 +321,13 @@ def answer(model, processor, image, question, **generate_kwargs):
     pixel_values = processor.image_processor(image.convert("RGB"), return_tensors="pt").pixel_values
     input_ids = build_inputs(tokenizer, PROMPT.replace("{QUESTION}", question.strip()), NUM_IMAGE_TOKENS,
                              model.config.image_token_id, ADD_BOS)
+    # Blip2's generate hands over to its language model, whose own generation config is not this folder's.
+    generation_config = copy.deepcopy(model.generation_config)
+    generation_config.update(**generate_kwargs)
+    if not generation_config.do_sample:  # greedy: the sampling settings do not apply
+        generation_config.temperature = generation_config.top_p = generation_config.top_k = None
     output = model.generate(pixel_values=pixel_values.to(model.dtype), input_ids=torch.tensor([input_ids]),
-                            tokenizer=tokenizer, **generate_kwargs)
+                            generation_config=generation_config, tokenizer=tokenizer)
     answer = tokenizer.decode(output[0, len(input_ids):], skip_special_tokens=True)
 {cut}    return answer.strip()
 
