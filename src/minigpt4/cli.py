@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("minigpt4.commands.serve", "serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)"),
     "chat": ("minigpt4.commands.chat", "ask about images from the terminal: one question, or an interactive session"),
     "caption": ("minigpt4.commands.caption", "describe folders, image lists or webdataset shards in batches (JSONL)"),
+    "eval": ("minigpt4.commands.eval", "score a model on COCO captions, VQAv2, OK-VQA, GQA, POPE or Q&A folders"),
     "demo": ("minigpt4.commands.demo", "the Gradio web demo: upload an image and chat about it"),
     "fetch": ("minigpt4.commands.fetch", "download and verify the released weights of a preset into the cache"),
     "apply-delta": ("minigpt4.commands.apply_delta", "base + delta weights (Vicuna v0) -> a model folder, shard by shard"),
