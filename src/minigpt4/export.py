@@ -235,10 +235,8 @@ def export_transformers(model, directory: str | Path, overwrite: bool = False) -
     llm_state.update(grown)
     state = {f"language_model.{k}": v for k, v in llm_state.items()} | towers_to_blip2(model)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    if blip2.config.text_config.tie_word_embeddings:
-        state.pop("language_model.lm_head.weight", None)
     blip2.load_state_dict(state, strict=True, assign=True)
-    blip2.tie_weights()
+    blip2.tie_weights()  # assigning gave a tied LLM's head and embeddings two (equal) tensors; share one again
     blip2.eval()
 
     diff = _probe_image_embeds_diff(model, blip2.vision_model, blip2.qformer, blip2.query_tokens,

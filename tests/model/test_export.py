@@ -140,3 +140,42 @@ def test_export_command_writes_a_loadable_folder_from_a_checkpoint(tiny_model, t
     assert main(["export", "--format", "transformers", str(out), "--checkpoint", str(tmp_path / "ckpt")]) == 2
     error = f"error: {out} is not empty: give a new folder, or --overwrite"
     assert capsys.readouterr().err.strip().splitlines() == [error]
+
+
+@pytest.fixture
+def tied_tiny_model(tiny_llm_dir, tmp_path):
+    """The tiny model over an LLM whose head shares the input embeddings (as SmolLM2's does)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from minigpt4.model.build import build_model
+
+    llm_dir = tmp_path / "tied_llm"
+    shutil.copytree(tiny_llm_dir, llm_dir)
+    llm_config = LlamaConfig.from_pretrained(tiny_llm_dir)
+    llm_config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(llm_config).save_pretrained(llm_dir)
+    cfg = model_preset("tiny")
+    cfg.llm.path = str(llm_dir)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_tied_embeddings_export_strictly_and_answer_alike(tied_tiny_model, tmp_path, photo):
+    model = tied_tiny_model
+    report = export_transformers(model, tmp_path / "hf")
+    hf, info = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    card = _card_namespace(tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    chat = Chat(model, eval_transform(224))
+    chat.upload(photo)
+    chat.ask(QUESTION)
+    assert card["answer"](hf, processor, photo, QUESTION, do_sample=False) == chat.answer(do_sample=False)
+    back = MiniGPT4.from_pretrained(report.directory)
+    assert back.llm.get_output_embeddings().weight.data_ptr() == back.llm.get_input_embeddings().weight.data_ptr()
+    for key, tensor in model.llm.state_dict().items():
+        assert torch.equal(back.llm.state_dict()[key], tensor), key
