@@ -341,7 +341,9 @@ if __name__ == "__main__":
 
 Saved as `card.py`: `python card.py THIS_FOLDER IMAGE "QUESTION"` prints the greedy answer.
 `generation_config.json` holds the model's own decoding (the call above overrides it with greedy);
-it suppresses the image token as an output and stops at the template's stop strings.
+it suppresses the image token as an output and stops at the template's stop strings. One difference
+remains: transformers' `repetition_penalty` also counts the prompt's tokens, MiniGPT-4's chat only the
+answer's, so answers agree exactly only at 1.0.
 '''
 
 
