@@ -192,3 +192,36 @@ def test_resume_after_a_kill(tiny_llm_dir, photo, tmp_path, capsys):
     ids = [record["id"] for record in _lines(predictions)]
     assert len(ids) == len(set(ids)) == total and set(ids) == {str(i) for i in range(1, total + 1)}
     assert predictions.read_text().startswith(before.rsplit("\n", 1)[0])  # what was there is kept as it was
+
+
+def test_torchrun_shards_resume_and_merge(tiny_llm_dir, photo, tmp_path, capsys):
+    """Two processes share the samples, a stopped sharded run's files count as done, and process 0 merges all into
+    one predictions.jsonl with the answers one process gives."""
+    photo.save(tmp_path / "cat.png")
+    total = 7
+    questions = write_lines(tmp_path / "qa.jsonl", [
+        {"image": "cat.png", "question": f"Question {i}?", "answer": "cat"} for i in range(total)])
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--questions", str(questions), "--batch-size", "1", "--max-new-tokens", "4"]
+    assert main(_argv("folder", tiny_llm_dir, *common, "-o", str(one))) == 0
+    capsys.readouterr()
+    alone = {record["id"]: record for record in _lines(one / "predictions.jsonl")}
+
+    # What a stopped 3-process run left: rank 2's file with sample 3 and a line cut off mid-write.
+    two.mkdir()
+    shutil.copy(one / "run.json", two / "run.json")
+    (two / "predictions.rank2.jsonl").write_text(json.dumps(alone["3"]) + "\n" + json.dumps(alone["6"])[:20])
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "minigpt4.cli", *_argv("folder", tiny_llm_dir, *common, "-o", str(two))]
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"eval folder: {total} scored ({total - 1} new, 1 already done, 0 skipped)" in proc.stdout
+    assert "process 0 of 2" in proc.stderr and "process 1 of 2" in proc.stderr
+    assert proc.stdout.count("eval folder:") == 1  # only process 0 scores and reports
+    assert sorted(path.name for path in two.iterdir()) == ["predictions.jsonl", "results.json", "run.json"]
+    merged = _lines(two / "predictions.jsonl")
+    assert [record["id"] for record in merged] == [str(i) for i in range(1, total + 1)]
+    assert merged == [alone[str(i)] for i in range(1, total + 1)]
+    results = json.loads((two / "results.json").read_text())
+    assert results["settings"]["processes"] == 2 and len(results["samples"]) == total

@@ -4,6 +4,11 @@ Predictions stream to OUTPUT/predictions.jsonl as each batch ends, so a run that
 time) resumes where it was: a rerun skips the samples already there. OUTPUT/run.json records what the
 predictions were made with, and a rerun with other settings is refused rather than mixing them. The
 scores, with the model, settings, seed, sample list and metric versions, go to OUTPUT/results.json.
+
+Under `torchrun --nproc_per_node N -m minigpt4.cli eval ...` process r answers samples r, r+N, ... into
+OUTPUT/predictions.rank{r}.jsonl; when all are done, process 0 merges every file into predictions.jsonl
+(dropping the rank files) and scores. A stopped sharded run resumes with any number of processes: every
+predictions file in OUTPUT counts as done.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -59,12 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------ predictions file
 
 
-def read_predictions(path: Path) -> dict[str, dict]:
+def read_predictions(path: Path, repair: bool = True) -> dict[str, dict]:
     """id -> record of the predictions already in `path`.
 
     An interrupted run can leave a last line without its newline (cut off, or whole): a cut-off line is
-    dropped, and the file is rewritten so that the next record starts on a line of its own. Any other bad
-    line is an error (the file is not ours to guess about).
+    dropped and, with `repair` (the process that appends to `path`), the file is rewritten so that the
+    next record starts on a line of its own. Any other bad line is an error (the file is not ours to
+    guess about).
     """
     if not path.exists():
         return {}
@@ -82,7 +89,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
                 raise CommandError(f"{path} line {number} is not a prediction record ({err}); delete or fix "
                                    "it") from None
             log.warning("%s: dropping its last line, cut off by an interrupted run", path)
-    if text and not text.endswith("\n"):
+    if repair and text and not text.endswith("\n"):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()), encoding="utf-8")
     return records
 
@@ -100,32 +107,53 @@ def _model_record(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint) if args.checkpoint else None, "overrides": list(args.overrides)}
 
 
-def _check_run_record(path: Path, record: dict) -> None:
-    """Write `record` (what the predictions are made with), or check it matches the one already there."""
-    if path.exists():
-        try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise CommandError(f"{path} is not JSON ({err}); delete it with {PREDICTIONS} to start over") from None
-        changed = sorted(key for key in set(before) | set(record) if before.get(key) != record.get(key))
-        if changed:
-            raise CommandError(f"{path.parent} holds predictions made with other {', '.join(changed)} "
-                               f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); give another --output "
-                               "or delete that folder")
-    else:
+def _check_run_record(path: Path, record: dict) -> str | None:
+    """Write `record` (what the predictions are made with), or check it matches the one already there;
+    what is wrong, or None."""
+    if not path.exists():
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        return None
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        return f"{path} is not JSON ({err}); delete it with {PREDICTIONS} to start over"
+    changed = sorted(key for key in set(before) | set(record) if before.get(key) != record.get(key))
+    if changed:
+        return (f"{path.parent} holds predictions made with other {', '.join(changed)} "
+                f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); give another --output or delete that "
+                "folder")
+    return None
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
+def _rank_file(output: Path, rank: int) -> Path:
+    return output / f"predictions.rank{rank}.jsonl"
 
-    from minigpt4.chat.generation import generate
-    from minigpt4.chat.templates import Message, get_template
-    from minigpt4.eval.metrics import METRIC_VERSIONS
-    from minigpt4.eval.tasks import TaskFileError, read_task, score
-    from minigpt4.processing.image import ImageError, eval_transform, load_image
 
+def _all_predictions(output: Path, own: Path) -> dict[str, dict]:
+    """Every prediction in `output`: the merged file and any rank files (this run's or a stopped one's)."""
+    done: dict[str, dict] = {}
+    for path in [output / PREDICTIONS, *sorted(output.glob("predictions.rank*.jsonl"))]:
+        done.update(read_predictions(path, repair=path == own))
+    return done
+
+
+def _merge(output: Path, order: list[str]) -> dict[str, dict]:
+    """Fold the rank files (this run's, or a stopped sharded run's) into predictions.jsonl, each id once, in
+    the samples' order (ids of other samples, from a run with another --limit, after them), and delete them.
+    The merged file is written under another name first, so a stop here loses nothing."""
+    done = _all_predictions(output, own=output / PREDICTIONS)
+    wanted = set(order)
+    ranked = [key for key in order if key in done] + [key for key in done if key not in wanted]
+    merged = output / (PREDICTIONS + ".merging")
+    merged.write_text("".join(json.dumps(done[key], ensure_ascii=False) + "\n" for key in ranked), encoding="utf-8")
+    merged.replace(output / PREDICTIONS)
+    for path in output.glob("predictions.rank*.jsonl"):
+        path.unlink()
+    return done
+
+
+def _checked_options(args: argparse.Namespace) -> str:
+    """Every option check that needs neither the files nor the model; the prompt to use."""
     task = TASKS[args.task]
     bad = [item for item in args.overrides if not OVERRIDE.match(item)]
     if bad:
@@ -148,6 +176,21 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "caption" and shutil.which("java") is None:
         raise CommandError("eval caption needs Java on PATH (pycocoevalcap's PTB tokenizer and METEOR run on it); "
                            "install a Java runtime, e.g. `apt-get install default-jre-headless`")
+    return prompt
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from minigpt4.chat.generation import generate
+    from minigpt4.chat.templates import Message, get_template
+    from minigpt4.commands.model_options import model_config_from_args
+    from minigpt4.eval.tasks import TaskFileError, read_task
+    from minigpt4.processing.image import ImageError, eval_transform, load_image
+    from minigpt4.train.distributed import all_gather_objects, barrier, broadcast_object, init_distributed, shutdown
+
+    prompt = _checked_options(args)
     output = args.output or Path("eval") / args.task
     check_output_folder(output, "--output")
     try:
@@ -161,61 +204,89 @@ def run(args: argparse.Namespace) -> int:
                                                     "num_beams", "repetition_penalty", "max_context", "stop",
                                                     "seed", "template", "system")}
     run_record = {"task": args.task, "prompt": prompt, "model": _model_record(args), "flags": flags}
-    output.mkdir(parents=True, exist_ok=True)
-    _check_run_record(output / RUN, run_record)
-    predictions_path = output / PREDICTIONS
-    done = read_predictions(predictions_path)
-    pending = [sample for sample in samples if sample.id not in done]
-    already = len(samples) - len(pending)
 
-    model = load_model(args, args.overrides)
-    talk = model.chat_defaults
-    settings = generation_settings(args, talk.generation)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    template = get_template(talk.template, model.tokenizer)
-    transform = eval_transform(model.config.vision.image_size)
-    skipped: list[str] = []
-    with predictions_path.open("a", encoding="utf-8") as out, \
-            tqdm(total=len(pending), desc=f"eval {args.task}", unit="sample", file=sys.stderr) as bar:
-        for batch in _batches(pending, args.batch_size):
-            good, pixels = [], []
-            for sample in batch:
-                try:
-                    pixels.append(transform(load_image(sample.image, name=f"{sample.image} (sample {sample.id})")))
-                    good.append(sample)
-                except (ImageError, FileNotFoundError) as err:
-                    skipped.append(str(err))
-            if good:
-                prompts = [template.render([Message("user", prompt.replace(QUESTION, s.question or ""), images=1)],
-                                           talk.system) for s in good]
-                completions = generate(model, prompts, [[p] for p in pixels], settings,
-                                       template_stops=template.stop, add_bos=template.add_bos)
-                for sample, completion in zip(good, completions, strict=True):
-                    record = {"id": sample.id, "prediction": completion.text.strip(),
-                              "finish_reason": completion.finish_reason}
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[sample.id] = record
-                out.flush()  # a crash loses at most the batch in flight
-            bar.update(len(batch))
-            bar.set_postfix(skipped=len(skipped))
-    for reason in skipped:
-        print(f"skipped: {reason}", file=sys.stderr)
+    # Under torchrun each process takes every world_size-th sample; alone, the process takes all.
+    ctx = init_distributed("auto", model_config_from_args(args, args.overrides).device)
+    try:
+        problem = None
+        if ctx.is_main:
+            output.mkdir(parents=True, exist_ok=True)
+            problem = _check_run_record(output / RUN, run_record)
+        problem = broadcast_object(problem, ctx)
+        if problem:
+            raise CommandError(problem)
+        own = _rank_file(output, ctx.rank) if ctx.enabled else output / PREDICTIONS
+        done = _all_predictions(output, own)
+        barrier(ctx)  # every process has read the files before any appends to them
+        already = sum(sample.id in done for sample in samples)
+        pending = [sample for sample in samples[ctx.rank :: ctx.world_size] if sample.id not in done]
+
+        model = load_model(args, args.overrides)
+        talk = model.chat_defaults
+        settings = generation_settings(args, talk.generation)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        template = get_template(talk.template, model.tokenizer)
+        transform = eval_transform(model.config.vision.image_size)
+        skipped: list[str] = []
+        new = 0
+        with own.open("a", encoding="utf-8") as out, tqdm(total=len(pending), desc=f"eval {args.task}", unit="sample",
+                                                          file=sys.stderr, disable=not ctx.is_main) as bar:
+            for batch in _batches(pending, args.batch_size):
+                good, pixels = [], []
+                for sample in batch:
+                    try:
+                        pixels.append(transform(load_image(sample.image, name=f"{sample.image} (sample {sample.id})")))
+                        good.append(sample)
+                    except (ImageError, FileNotFoundError) as err:
+                        skipped.append(str(err))
+                if good:
+                    prompts = [template.render([Message("user", prompt.replace(QUESTION, s.question or ""),
+                                                        images=1)], talk.system) for s in good]
+                    completions = generate(model, prompts, [[p] for p in pixels], settings,
+                                           template_stops=template.stop, add_bos=template.add_bos)
+                    for sample, completion in zip(good, completions, strict=True):
+                        record = {"id": sample.id, "prediction": completion.text.strip(),
+                                  "finish_reason": completion.finish_reason}
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()  # a crash loses at most the batch in flight
+                    new += len(good)
+                bar.update(len(batch))
+                bar.set_postfix(skipped=len(skipped))
+        counts = all_gather_objects((new, skipped), ctx)
+        barrier(ctx)  # every process has written all its predictions
+        if not ctx.is_main:
+            return 0
+        done = _merge(output, [sample.id for sample in samples])
+        skipped = [reason for _, reasons in counts for reason in reasons]
+        for reason in skipped:
+            print(f"skipped: {reason}", file=sys.stderr)
+        _write_results(args, output, model, settings, prompt, samples, done, skipped,
+                       f"{sum(n for n, _ in counts)} new, {already} already done, {len(skipped)} skipped")
+        return 0
+    finally:
+        shutdown(ctx)
+
+
+def _write_results(args: argparse.Namespace, output: Path, model, settings, prompt: str, samples: list[Sample],
+                   done: dict[str, dict], skipped: list[str], counts: str) -> None:
+    """Score the samples that have a prediction and write results.json; one summary line on stdout."""
+    from minigpt4 import __version__
+    from minigpt4.eval.metrics import METRIC_VERSIONS
+    from minigpt4.eval.tasks import score
 
     scored = [sample for sample in samples if sample.id in done]
     try:
         metrics = score(args.task, scored, {sample.id: done[sample.id]["prediction"] for sample in scored})
-    except ValueError as err:  # references the metric cannot use (a POPE label that is not yes/no, ...)
-        raise CommandError(f"eval {args.task}: {err}; predictions are kept in {predictions_path}") from None
-    from minigpt4 import __version__
-
+    except ValueError as err:  # references the metric cannot use (a VQA question with one answer, ...)
+        raise CommandError(f"eval {args.task}: {err}; the predictions are kept in {output / PREDICTIONS}") from None
     results = {
         "task": args.task, "metrics": metrics, "scored": len(scored), "skipped": skipped,
-        "model": {**_model_record(args), "llm": model.config.llm.path, "template": talk.template,
-                  "system": talk.system},
+        "model": {**_model_record(args), "llm": model.config.llm.path, "template": model.chat_defaults.template,
+                  "system": model.chat_defaults.system},
         "settings": {"prompt": prompt, "generation": dataclasses.asdict(settings),
                      "batch_size": args.batch_size, "split": args.split if args.task == "caption" else None,
-                     "limit": args.limit},
+                     "limit": args.limit, "processes": int(os.environ.get("WORLD_SIZE", "1"))},
         "seed": args.seed,
         "files": {name: str(getattr(args, name)) if getattr(args, name) else None
                   for name in ("questions", "annotations", "images")},
@@ -224,7 +295,5 @@ def run(args: argparse.Namespace) -> int:
     }
     (output / RESULTS).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
-    print(f"eval {args.task}: {len(scored)} scored ({len(pending) - len(skipped)} new, "
-          f"{already} already done, {len(skipped)} skipped): {summary}")
-    print(f"predictions -> {predictions_path}; results -> {output / RESULTS}", file=sys.stderr)
-    return 0
+    print(f"eval {args.task}: {len(scored)} scored ({counts}): {summary}")
+    print(f"predictions -> {output / PREDICTIONS}; results -> {output / RESULTS}", file=sys.stderr)
