@@ -225,3 +225,14 @@ def test_torchrun_shards_resume_and_merge(tiny_llm_dir, photo, tmp_path, capsys)
     assert merged == [alone[str(i)] for i in range(1, total + 1)]
     results = json.loads((two / "results.json").read_text())
     assert results["settings"]["processes"] == 2 and len(results["samples"]) == total
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer and METEOR need Java")
+def test_real_photos_end_to_end(tiny_llm_dir, tmp_path, capsys):
+    out = tmp_path / "real"
+    assert main(_argv("realphotos", tiny_llm_dir, "-o", str(out), "--limit", "10", "--max-new-tokens", "3")) == 0
+    assert "10 scored (10 new, 0 already done, 0 skipped)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr",
+                                       "qa_accuracy"}
+    assert results["samples"][:2] == ["astronaut/caption", "astronaut/q1"]

@@ -121,3 +121,25 @@ def test_missing_and_wrong_files_are_one_line_errors(tmp_path, coco_captions):
         read_task("caption", None, tmp_path / "broken.json", tmp_path)
     with pytest.raises(TaskFileError, match="is not a GQA questions file"):
         read_task("gqa", coco_captions, None, tmp_path)
+
+
+def test_real_photo_set_ships_captions_questions_and_licences():
+    import json
+    from importlib import resources
+
+    from minigpt4.eval.tasks import REAL_PHOTOS
+    from minigpt4.processing.image import load_image
+
+    photos = json.loads(resources.files("minigpt4").joinpath(REAL_PHOTOS).read_text())["photos"]
+    assert len(photos) == 14 and all(photo["licence"] and len(photo["captions"]) >= 3 for photo in photos)
+    assert all(len(photo["questions"]) >= 3 for photo in photos)
+    samples = read_task("realphotos", None, None, None)
+    assert len(samples) == 14 + sum(len(photo["questions"]) for photo in photos)
+    assert samples[0].id == "astronaut/caption" and samples[0].prompt == "Briefly describe this image in one sentence."
+    assert samples[1].id == "astronaut/q1" and samples[1].question == "What colour is the suit?"
+    for image in {sample.image for sample in samples}:  # every photo is where its package installed it
+        assert load_image(image).size[0] >= 300, image
+    # Questions score 1 for any accepted answer (normalised); captioning samples are left to caption_scores.
+    questions = [s for s in samples if s.id.startswith("chelsea/q")]
+    assert score("realphotos", questions, {s.id: a for s, a in zip(questions, ["A cat.", "Green", "two", "yes"],
+                                                                      strict=True)}) == {"qa_accuracy": 0.75}

@@ -173,8 +173,8 @@ def _checked_options(args: argparse.Namespace) -> str:
     if args.max_new_tokens is None:
         args.max_new_tokens = task.max_new_tokens
     generation_settings(args)  # bad decoding flags fail before the files are read or the model loads
-    if args.task == "caption" and shutil.which("java") is None:
-        raise CommandError("eval caption needs Java on PATH (pycocoevalcap's PTB tokenizer and METEOR run on it); "
+    if args.task in ("caption", "realphotos") and shutil.which("java") is None:
+        raise CommandError(f"eval {args.task} needs Java on PATH (pycocoevalcap's PTB tokenizer and METEOR run on it); "
                            "install a Java runtime, e.g. `apt-get install default-jre-headless`")
     return prompt
 
@@ -241,8 +241,9 @@ def run(args: argparse.Namespace) -> int:
                     except (ImageError, FileNotFoundError) as err:
                         skipped.append(str(err))
                 if good:
-                    prompts = [template.render([Message("user", prompt.replace(QUESTION, s.question or ""),
-                                                        images=1)], talk.system) for s in good]
+                    asked = [s.prompt if s.prompt is not None else prompt.replace(QUESTION, s.question or "")
+                             for s in good]
+                    prompts = [template.render([Message("user", text, images=1)], talk.system) for text in asked]
                     completions = generate(model, prompts, [[p] for p in pixels], settings,
                                            template_stops=template.stop, add_bos=template.add_bos)
                     for sample, completion in zip(good, completions, strict=True):

@@ -12,12 +12,15 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from minigpt4.eval.metrics import caption_scores, exact_match, pope_scores, vqa_accuracy
 
 QUESTION = "{question}"
 SHORT_ANSWER = QUESTION + " Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+CAPTION_PROMPT = "Briefly describe this image in one sentence."
+REAL_PHOTOS = "resources/realphotos.json"
 
 
 class TaskFileError(ValueError):
@@ -27,12 +30,14 @@ class TaskFileError(ValueError):
 @dataclass
 class Sample:
     """One image and what is asked about it: `question` fills the prompt's {question} (None for captioning);
-    `references` are the reference captions, the annotators' answers, or the one answer or yes/no label."""
+    `references` are the reference captions, the annotators' answers, or the one answer or yes/no label.
+    `prompt`, when set, is asked instead of the task's prompt (the captioning requests of `realphotos`)."""
 
     id: str
     image: Path
     question: str | None
     references: list[str]
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,7 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "caption": Task("--annotations: COCO captions_*.json (also nocaps), Karpathy's dataset_*.json, or LAVIS's "
-                    "coco_karpathy_*.json; --images: the image folder", "Briefly describe this image in one sentence.",
-                    40, False),
+                    "coco_karpathy_*.json; --images: the image folder", CAPTION_PROMPT, 40, False),
     "vqav2": Task("--questions and --annotations: VQAv2 *_questions.json and *_annotations.json; --images: the "
                   "COCO image folder", SHORT_ANSWER, 10, True),
     "okvqa": Task("--questions and --annotations: OK-VQA OpenEnded_mscoco_*_questions.json and "
@@ -58,6 +62,9 @@ TASKS: dict[str, Task] = {
                  "COCO image folder", SHORT_ANSWER, 10, True),
     "folder": Task("--questions: JSON lines {\"image\", \"question\", \"answer\" or \"answers\"[, \"id\"]}; "
                    "--images: the folder the image paths are in (default: the JSONL's)", SHORT_ANSWER, 10, True),
+    "realphotos": Task("no files: 14 photos that come with scikit-image and matplotlib, with our captions and "
+                       "questions (a smoke test of real-photo behaviour, not a benchmark); --prompt is for the "
+                       f"questions, captions are asked for with {CAPTION_PROMPT!r}", SHORT_ANSWER, 40, True),
 }
 
 
@@ -207,12 +214,39 @@ def read_folder(questions: Path, images: Path | None) -> list[Sample]:
     return samples
 
 
+def _package_data(package: str) -> Path:
+    """The folder of sample images a dependency installs (imported only when needed)."""
+    if package == "skimage":
+        import skimage.data
+
+        return Path(skimage.data.__file__).parent
+    if package == "matplotlib":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data"
+    raise TaskFileError(f"minigpt4/{REAL_PHOTOS} names an unknown package {package!r}")
+
+
+def read_real_photos() -> list[Sample]:
+    """The real-photo set (`minigpt4/resources/realphotos.json`): per photo one captioning sample
+    (`PHOTO/caption`, asked with CAPTION_PROMPT) and its questions (`PHOTO/q1`, ...), each with the answers
+    we accept. The photos are read where scikit-image and matplotlib installed them."""
+    data = json.loads(resources.files("minigpt4").joinpath(REAL_PHOTOS).read_text(encoding="utf-8"))
+    samples = []
+    for photo in data["photos"]:
+        image = _package_data(photo["package"]) / photo["file"]
+        samples.append(Sample(f"{photo['id']}/caption", image, None, photo["captions"], prompt=CAPTION_PROMPT))
+        samples += [Sample(f"{photo['id']}/q{number}", image, item["question"], item["answers"])
+                    for number, item in enumerate(photo["questions"], 1)]
+    return samples
+
+
 def read_task(task: str, questions: Path | None, annotations: Path | None, images: Path | None,
               split: str = "test") -> list[Sample]:
     """The samples of `task` from the files given; a file the task needs and was not given is an error."""
     needs = {"caption": ("annotations", "images"), "vqav2": ("questions", "annotations", "images"),
              "okvqa": ("questions", "annotations", "images"), "gqa": ("questions", "images"),
-             "pope": ("questions", "images"), "folder": ("questions",)}[task]
+             "pope": ("questions", "images"), "folder": ("questions",), "realphotos": ()}[task]
     given = {"questions": questions, "annotations": annotations, "images": images}
     missing = [f"--{name}" for name in needs if given[name] is None]
     if missing:
@@ -225,6 +259,8 @@ def read_task(task: str, questions: Path | None, annotations: Path | None, image
         samples = read_gqa(questions, images)
     elif task == "pope":
         samples = read_pope(questions, images)
+    elif task == "realphotos":
+        samples = read_real_photos()
     else:
         samples = read_folder(questions, images)
     ids = [sample.id for sample in samples]
@@ -259,6 +295,20 @@ SCORERS: dict[str, Callable[[list[Sample], dict[str, str]], dict[str, float]]] =
                                                              for s in samples])},
 }
 SCORERS["okvqa"] = SCORERS["vqav2"]
+
+
+def _real_photo_scores(samples: list[Sample], predicted: dict[str, str]) -> dict[str, float]:
+    """Caption scores over the captioning samples; over the questions, the share answered with one of the
+    accepted answers (after the VQA normalisation)."""
+    captions = [s for s in samples if s.prompt is not None]
+    questions = [s for s in samples if s.prompt is None]
+    scores = SCORERS["caption"](captions, predicted) if captions else {}
+    scores["qa_accuracy"] = _mean([max(exact_match(predicted[s.id], answer) for answer in s.references)
+                                   for s in questions])
+    return scores
+
+
+SCORERS["realphotos"] = _real_photo_scores
 
 
 def score(task: str, samples: list[Sample], predicted: dict[str, str]) -> dict[str, float]:
