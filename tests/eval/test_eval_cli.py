@@ -16,7 +16,7 @@ from minigpt4.chat.generation import GenerationSettings, generate
 from minigpt4.chat.templates import Message, get_template
 from minigpt4.cli import main
 from minigpt4.eval.tasks import SHORT_ANSWER, read_task, score
-from minigpt4.processing.image import eval_transform
+from minigpt4.processing.image import eval_transform, load_image
 from tests.eval.conftest import write_json, write_lines
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -58,8 +58,6 @@ def test_folder_task_end_to_end(tiny_llm_dir, tiny_model, folder_task, tmp_path,
     samples = read_task("folder", folder_task, None, None)[:2]
     prompts = [template.render([Message("user", SHORT_ANSWER.replace("{question}", s.question), images=1)])
                for s in samples]
-    from minigpt4.processing.image import load_image
-
     expected = generate(tiny_model, prompts, [[transform(load_image(s.image))] for s in samples],
                         GenerationSettings(max_new_tokens=4, do_sample=False), template_stops=template.stop,
                         add_bos=template.add_bos)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import pytest
 
-from minigpt4.eval.tasks import Sample, TaskFileError, read_task, score
+from minigpt4.eval.tasks import REAL_PHOTOS, Sample, TaskFileError, read_task, score
+from minigpt4.processing.image import load_image
 from tests.eval.conftest import write_json, write_lines
 
 
@@ -124,12 +128,6 @@ def test_missing_and_wrong_files_are_one_line_errors(tmp_path, coco_captions):
 
 
 def test_real_photo_set_ships_captions_questions_and_licences():
-    import json
-    from importlib import resources
-
-    from minigpt4.eval.tasks import REAL_PHOTOS
-    from minigpt4.processing.image import load_image
-
     photos = json.loads(resources.files("minigpt4").joinpath(REAL_PHOTOS).read_text())["photos"]
     assert len(photos) == 14 and all(photo["licence"] and len(photo["captions"]) >= 3 for photo in photos)
     assert all(len(photo["questions"]) >= 3 for photo in photos)
