@@ -65,3 +65,13 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
 
 def image_message(url: str, text: str) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}
+
+
+def wait_for(condition, timeout_s: float = 60.0) -> bool:
+    """Poll `condition` until it holds or `timeout_s` passes (a hang guard, not a timing claim)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False

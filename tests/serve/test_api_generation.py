@@ -13,7 +13,7 @@ import pytest
 from minigpt4.serve.config import ServeConfig
 from minigpt4.serve.engine import to_conversation
 
-from .conftest import running_server
+from .conftest import running_server, wait_for
 
 MODEL = "tiny"
 
@@ -133,14 +133,6 @@ def test_generation_wall_time_limit_ends_with_length(serve_engine):
 
 # ---------------------------------------------------------------- clients that leave
 
-
-def wait_for(condition, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -26,7 +26,7 @@ from PIL import Image
 
 from minigpt4.serve.config import ServeConfig
 
-from .conftest import data_url, image_message, running_server
+from .conftest import data_url, image_message, running_server, wait_for
 
 REQUESTS = 200
 CLIENTS = 16
@@ -236,14 +236,6 @@ def test_full_queue_answers_429_with_retry_after(small_queue_server):
             assert response.json()["choices"][0]["message"]["content"] == expected
     assert httpx.get(f"{small_queue_server}/health").json()["queued"] == 0
 
-
-def wait_for(condition, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_disconnects_free_their_slots(small_queue_server):
