@@ -137,6 +137,39 @@ class LLMConfig:
     pad_token: str = ""
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Split the LLM over devices with accelerate: "" keeps it whole on model.device; "auto", "balanced",
+    # "balanced_low_0" or "sequential" spread it over the GPUs, then the CPU, then disk (offload_folder).
+    device_map: Literal["", "auto", "balanced", "balanced_low_0", "sequential"] = ""
+    # The most each device may hold, "DEVICE=SIZE,..." with DEVICE a GPU index, cpu, mps or disk and SIZE
+    # as accelerate reads it (e.g. "0=10GiB,cpu=30GiB"). "" = what the devices have. Needs device_map.
+    max_memory: str = ""
+    offload_folder: str = ""  # where weights that fit nowhere else go (disk offload)
+
+    def __post_init__(self) -> None:
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            field_name = "max_memory" if self.max_memory else "offload_folder"
+            raise ConfigError(f"model.llm.{field_name} is set but model.llm.device_map is not: "
+                              "set model.llm.device_map=auto (or balanced, sequential)")
+        self.max_memory_map()  # a malformed string fails here, when the config is read
+
+    def max_memory_map(self) -> dict[int | str, int] | None:
+        """`max_memory` as accelerate takes it ({0: bytes, "cpu": bytes}), or None when unset."""
+        if not self.max_memory:
+            return None
+        from accelerate.utils import convert_file_size_to_int
+
+        limits: dict[int | str, int] = {}
+        for item in self.max_memory.split(","):
+            device, sep, size = (part.strip() for part in item.partition("="))
+            if not sep or not (device.isdigit() or device in ("cpu", "mps", "disk")):
+                raise ConfigError(f"model.llm.max_memory={self.max_memory!r}: {item.strip()!r} is not DEVICE=SIZE "
+                                  "with DEVICE a GPU index, cpu, mps or disk, e.g. \"0=10GiB,cpu=30GiB\"")
+            try:
+                limits[int(device) if device.isdigit() else device] = convert_file_size_to_int(size)
+            except ValueError:
+                raise ConfigError(f"model.llm.max_memory={self.max_memory!r}: {size!r} is not a size: "
+                                  "write e.g. 200MiB, 10GiB or 1GB") from None
+        return limits
 
 
 @dataclass

@@ -27,7 +27,7 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     dtype = DTYPES[cfg.dtype]
     check_device(cfg.device)
     if cfg.weights.pretrained:
-        return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype)
+        return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype, llm_placement=cfg.llm)
     qformer = cfg.connector == "qformer"
     if not qformer and cfg.weights.blip2:
         raise ConfigError("model.weights.blip2 is set, but model.connector=merge4 (the Llama-2 release) has no "

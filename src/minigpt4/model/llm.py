@@ -86,6 +86,27 @@ def check_loading_report(llm: PreTrainedModel, report: dict, source: str) -> Non
         raise CheckpointError(f"the LLM in {source} does not fit its config: " + "; ".join(problems))
 
 
+def is_dispatched(llm: PreTrainedModel) -> bool:
+    """Whether accelerate placed `llm` by a device map (split over devices, or offloaded): then it must not be
+    moved as a whole, and its hooks move each layer's inputs to that layer's device."""
+    return bool(getattr(llm, "hf_device_map", None)) and getattr(llm, "hf_quantizer", None) is None
+
+
+def check_offloaded_finite(llm: PreTrainedModel, source: str) -> None:
+    """`check_finite` for the weights accelerate offloaded (on the meta device in the model): each is read
+    from its offload store through the module's hook, checked and dropped, so RAM holds one at a time."""
+    for module_name, module in llm.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for name, tensor in module.named_parameters(recurse=False):
+            if tensor.is_meta:
+                check_finite(weights[name], source, f"{module_name}.{name}")
+        for name, tensor in module.named_buffers(recurse=False):
+            if tensor.is_meta and name in weights:
+                check_finite(weights[name], source, f"{module_name}.{name}")
+
+
 def _quantization_config(cfg: LLMConfig, device: torch.device):
     if cfg.quantization == "none":
         return None
@@ -123,6 +144,12 @@ def load_llm(
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    if cfg.device_map:
+        if quantization is not None:
+            raise ConfigError(f"model.llm.device_map={cfg.device_map!r} with model.llm.quantization="
+                              f"{cfg.quantization!r}: quantized loading places the LLM itself; set device_map=''")
+        kwargs.update(device_map=cfg.device_map, max_memory=cfg.max_memory_map(),
+                      offload_folder=str(Path(cfg.offload_folder).expanduser()) if cfg.offload_folder else None)
     try:
         # Mismatched shapes are reported (and then refused below) rather than raised without their names.
         llm, report = AutoModelForCausalLM.from_pretrained(
@@ -131,8 +158,9 @@ def load_llm(
     except (OSError, ValueError, RuntimeError) as err:  # transformers' errors for unreadable or mis-shaped files
         raise CheckpointError(f"model.llm.path={cfg.path!r}: the LLM could not be loaded: {err}") from err
     check_loading_report(llm, report, str(path))
-    check_finite(dict(llm.state_dict()), f"the LLM in {path}")
-    if quantization is None:
+    check_finite(dict(llm.state_dict()), f"the LLM in {path}")  # skips offloaded (meta) weights...
+    check_offloaded_finite(llm, f"the LLM in {path}")  # ...which are read back one tensor at a time here
+    if quantization is None and not is_dispatched(llm):
         llm.to(device)
     llm.requires_grad_(False)
     llm.eval()

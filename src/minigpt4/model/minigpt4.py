@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from minigpt4.config import MERGE_GROUP, ConfigError, ModelConfig, from_dict, to_dict
+from minigpt4.config import MERGE_GROUP, ConfigError, LLMConfig, ModelConfig, from_dict, to_dict
 from minigpt4.chat.defaults import ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
-from minigpt4.model.llm import DTYPES, load_llm
+from minigpt4.model.llm import DTYPES, is_dispatched, load_llm
 from minigpt4.model.qformer import QFormer
 from minigpt4.model.vision import build_vision_tower
 from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
@@ -137,7 +137,7 @@ class MiniGPT4(nn.Module):
         if self.qformer is not None:
             self.qformer.to(device, torch.float32 if self.config.qformer.trainable else dtype)
         self.proj.to(device, torch.float32)
-        if getattr(self.llm, "hf_quantizer", None) is None:
+        if getattr(self.llm, "hf_quantizer", None) is None and not is_dispatched(self.llm):
             self.llm.to(device, dtype)
         return self
 
@@ -190,7 +190,8 @@ class MiniGPT4(nn.Module):
                 f"{image_embeds.shape[1]} tokens were given"
             )
         mask = batch.image_mask.unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+        # A dispatched LLM's embeddings may sit on another device than the towers.
+        return embeds.masked_scatter(mask, image_embeds.to(embeds.device, embeds.dtype))
 
     def lm_loss(
         self,
@@ -346,6 +347,8 @@ class MiniGPT4(nn.Module):
             config.llm.path = "llm"
         else:
             config.llm.path = str(Path(config.llm.path).expanduser().resolve())
+        # How this machine split the LLM is not part of the model (from_pretrained takes it as an argument).
+        config.llm.device_map, config.llm.max_memory, config.llm.offload_folder = "", "", ""
         state = {k: v.detach().contiguous() for k, v in self.tower_state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         self.chat_defaults.save_generation_config(directory)
@@ -358,13 +361,18 @@ class MiniGPT4(nn.Module):
         directory: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        llm_placement: LLMConfig | None = None,
     ) -> "MiniGPT4":
         """Load a folder written by `save_pretrained` (a relative LLM path is relative to the folder), or by
-        `minigpt4 export --format transformers`."""
+        `minigpt4 export --format transformers`. `llm_placement`'s device_map, max_memory and offload_folder
+        split the LLM over devices (the folder records none)."""
         from minigpt4.export import import_transformers, is_transformers_export
 
         directory = Path(directory)
         if is_transformers_export(directory):
+            if llm_placement is not None and llm_placement.device_map:
+                raise ConfigError(f"model.llm.device_map={llm_placement.device_map!r}: {directory} is a transformers "
+                                  "export, which loads whole; use the save_pretrained folder, or device_map=''")
             return import_transformers(directory, device, dtype)
         config, chat_defaults = read_folder(directory)
         weights = directory / WEIGHTS_NAME
@@ -375,6 +383,10 @@ class MiniGPT4(nn.Module):
             config.llm.path = str(directory / llm_path)
         if device is not None:
             config.device = str(device)
+        if llm_placement is not None:
+            config.llm.device_map = llm_placement.device_map
+            config.llm.max_memory = llm_placement.max_memory
+            config.llm.offload_folder = llm_placement.offload_folder
         if dtype is not None:
             config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
         torch_dtype = DTYPES[config.dtype]
