@@ -170,7 +170,9 @@ def prepare_inputs(
     hidden = model.llm.get_input_embeddings().embedding_dim
     stacked = torch.cat(present) if present else torch.empty(0, model.num_image_tokens, hidden, device=model.device)
     inputs_embeds = model.embed(batch, stacked.to(model.device))
-    return PreparedInputs(inputs_embeds, batch.attention_mask, [len(s.input_ids) for s in samples])
+    # A dispatched LLM (model.llm.device_map) embeds on its own first device, which may not be the towers'.
+    attention_mask = batch.attention_mask.to(inputs_embeds.device)
+    return PreparedInputs(inputs_embeds, attention_mask, [len(s.input_ids) for s in samples])
 
 
 # ------------------------------------------------------------------------------------ stopping
