@@ -3,6 +3,7 @@ tiny LLM with a max_memory below its size gives the same greedy tokens as the pl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -95,3 +96,15 @@ def test_chat_cli_with_offload_overrides_gives_the_same_answer(tiny_llm_dir, tin
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n").splitlines()[-1] == expected
+
+
+def test_a_saved_folder_loads_offloaded_and_records_no_placement(tiny_llm_dir, tiny_model, photo, tmp_path):
+    torch.manual_seed(0)
+    offloaded = build_model(model_config("tiny", overrides=[f"llm.path={tiny_llm_dir}", *_offload(tmp_path)]))
+    offloaded.save_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["model"]["llm"]
+    assert (saved["device_map"], saved["max_memory"], saved["offload_folder"]) == ("", "", "")
+    reloaded = build_model(model_config("tiny", overrides=[f"weights.pretrained={tmp_path / 'model'}",
+                                                           *_offload(tmp_path)]))
+    assert "disk" in set(reloaded.llm.hf_device_map.values())
+    assert _answer(reloaded, photo) == _answer(tiny_model, photo)
