@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# model.dtype=auto resolves the same (fp32) on every test machine, whatever its CPU; tests of the choice set their own.
+os.environ.setdefault("MINIGPT4_CPU_BF16", "0")
 # Small GEMMs run faster on one thread on this 2-core machine, and results stay deterministic.
 torch.set_num_threads(1)
 

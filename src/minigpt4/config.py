@@ -196,8 +196,9 @@ class ModelConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
-    # Storage and compute dtype of the frozen parts. The trainable projection always stays fp32.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Storage and compute dtype of the frozen parts. The trainable projection always stays fp32. `auto`: bf16 where
+    # this device runs it natively (fp16 on GPUs without bf16), else fp32; see minigpt4.precision.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"  # any torch device string: "cpu", "cuda:1", "npu:0", "mps", ...
     # Attention kernel of the vision tower and Q-Former ("eager" is the plain reference math).
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"

@@ -398,8 +398,9 @@ def import_transformers(directory: str | Path, device: str | torch.device | None
     config.llm.path = ""  # the LLM lives in this folder; save_pretrained then stores it with the model
     if device is not None:
         config.device = str(device)
-    if dtype is not None:
-        config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    from minigpt4.precision import name_of, resolve_dtype
+
+    config.dtype = name_of(dtype if dtype is not None else resolve_dtype(config.dtype, config.device)[0])
     blip2, report = Blip2ForConditionalGeneration.from_pretrained(
         directory, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
     check_loading_report(blip2, report, str(directory))

@@ -10,9 +10,10 @@ import torch
 from minigpt4 import convert
 from minigpt4.config import ConfigError, ModelConfig, TrainJobConfig
 from minigpt4.device import check_device
-from minigpt4.model.llm import DTYPES, load_llm
+from minigpt4.model.llm import load_llm
 from minigpt4.model.minigpt4 import MiniGPT4
 from minigpt4.model.tiny import is_random_llm
+from minigpt4.precision import name_of, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +25,25 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     from `weights.vit` + `weights.blip2` (the released files), then `weights.projection`. Towers
     with no file stay random, which is only meant for tests and benchmarks, and is logged.
     """
-    dtype = DTYPES[cfg.dtype]
     check_device(cfg.device)
+    dtype, reason = resolve_dtype(cfg.dtype, cfg.device)
+    cfg = replace(cfg, dtype=name_of(dtype))  # the model (and a folder it saves) records what was chosen
     if cfg.weights.pretrained:
-        return MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype, llm_placement=cfg.llm)
+        model = MiniGPT4.from_pretrained(cfg.weights.pretrained, device=cfg.device, dtype=dtype, llm_placement=cfg.llm)
+        model.dtype_reason = reason
+        return model
     qformer = cfg.connector == "qformer"
     if not qformer and cfg.weights.blip2:
         raise ConfigError("model.weights.blip2 is set, but model.connector=merge4 (the Llama-2 release) has no "
                           "Q-Former to load it into: leave weights.blip2 empty")
     if cfg.vision.arch == "eva_vit_g" and cfg.weights.vit and (cfg.weights.blip2 or not qformer):
         projection = cfg.weights.projection or None
-        return MiniGPT4.from_original(
+        model = MiniGPT4.from_original(
             cfg.weights.vit, cfg.weights.blip2 or None, cfg.llm.path, projection, dtype=dtype, device=cfg.device,
             config=cfg,
         )
+        model.dtype_reason = reason
+        return model
     if cfg.weights.vit or cfg.weights.blip2:
         raise ConfigError(
             "model.weights.vit and model.weights.blip2 go together (eva_vit_g.pth and "
@@ -54,6 +60,7 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
     if cfg.weights.projection:
         convert.load_projection(model, cfg.weights.projection)
     model.lock()
+    model.dtype_reason = reason
     return model.place(cfg.device, dtype)
 
 

@@ -15,9 +15,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigpt4.config import MERGE_GROUP, ConfigError, LLMConfig, ModelConfig, from_dict, to_dict
 from minigpt4.chat.defaults import ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
-from minigpt4.model.llm import DTYPES, is_dispatched, load_llm
+from minigpt4.model.llm import is_dispatched, load_llm
 from minigpt4.model.qformer import QFormer
 from minigpt4.model.vision import build_vision_tower
+from minigpt4.precision import name_of, resolve_dtype
 from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class MiniGPT4(nn.Module):
         self.tokenizer = tokenizer
         # How to talk to the model: `save_pretrained` records it, `from_pretrained` and training checkpoints set it.
         self.chat_defaults = ChatDefaults.for_release(config.connector)
+        self.dtype_reason = "set by model.dtype"  # why config.dtype is what it is; build_model says when auto chose
         self.lock()
 
     # ---------------------------------------------------------------- freezing and placement
@@ -312,7 +314,7 @@ class MiniGPT4(nn.Module):
 
         config = from_dict(ModelConfig, to_dict(config or ModelConfig()))
         config.llm.path = str(llm)
-        config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+        config.dtype = name_of(dtype)
         config.device = str(device)
         llm_model, tokenizer = load_llm(config.llm, dtype, device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
@@ -387,9 +389,9 @@ class MiniGPT4(nn.Module):
             config.llm.device_map = llm_placement.device_map
             config.llm.max_memory = llm_placement.max_memory
             config.llm.offload_folder = llm_placement.offload_folder
-        if dtype is not None:
-            config.dtype = {v: k for k, v in DTYPES.items()}[dtype]
-        torch_dtype = DTYPES[config.dtype]
+        # The folder records the dtype it was resolved to; one that says "auto" is resolved for this device.
+        torch_dtype = dtype if dtype is not None else resolve_dtype(config.dtype, config.device)[0]
+        config.dtype = name_of(torch_dtype)
         llm_model, tokenizer = load_llm(config.llm, torch_dtype, config.device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
         model.load_tower_state_dict(read_checkpoint(weights), source=str(weights))
