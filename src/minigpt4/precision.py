@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CAPABILITY_ENV = "MINIGPT4_CPU_BF16"
-_BENCH_SIZE = 512  # a square matmul big enough to reach the kernels' steady speed, small enough for ~0.1 s
-_BENCH_REPEATS = 5
+_BENCH_SIZE = 1024  # a square matmul long enough (~10 ms in fp32) to time steadily; the one-off costs well under 1 s
+_BENCH_REPEATS = 3
 
 
 def name_of(dtype: torch.dtype) -> str:
