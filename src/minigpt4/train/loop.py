@@ -39,6 +39,7 @@ from minigpt4.train.distributed import (
     all_gather_objects,
     all_reduce_gradients,
     all_reduce_sum,
+    barrier,
     broadcast_object,
     init_distributed,
     shutdown,
@@ -241,7 +242,11 @@ def train(cfg: TrainJobConfig) -> TrainResult:
     check_config(cfg)
     ctx = init_distributed(cfg.train.backend, cfg.model.device)
     try:
-        return _train(cfg, ctx)
+        result = _train(cfg, ctx)
+        # Rank 0 may still be writing the last checkpoint or log: no process tears its connections down before every
+        # process is done (gloo aborts a process whose peer closes under it). Not on an error: a barrier could hang.
+        barrier(ctx)
+        return result
     finally:
         shutdown(ctx)
 
