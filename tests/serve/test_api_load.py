@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,19 +25,13 @@ from PIL import Image
 
 from minigpt4.serve.config import ServeConfig
 
-from .conftest import data_url, image_message, running_server, wait_for
+from .conftest import data_url, free_port, image_message, running_server, wait_for
 
 REQUESTS = 200
 CLIENTS = 16
 MAX_TOKENS = 8
 STREAMS = 64
 STREAM_TOKENS = 32
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import threading
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,7 +17,6 @@ import pytest
 from minigpt4.serve.config import ServeConfig
 
 from .conftest import running_server
-from .test_demo_browser import CHROMIUM, CHROMIUM_ARGS
 
 MODEL = "tiny"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Describe the cat."}], "max_tokens": 4,
@@ -136,18 +134,6 @@ def page_origin():
         server.server_close()
 
 
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium (scripts/install.sh does it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 # What a page's script would do: a JSON fetch (which needs CORS), and a "simple" text/plain one in

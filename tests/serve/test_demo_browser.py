@@ -6,8 +6,6 @@ The tiny model is made an exact bigram model whose answer to any vicuna_v0 promp
 
 from __future__ import annotations
 
-import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,18 +14,9 @@ import torch
 from minigpt4.chat import GenerationSettings
 from minigpt4.testing import make_bigram
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]
+from .conftest import free_port
+
 ANSWER_CHAIN = [":", "▁a", "▁red", "▁image", "###"]  # the prompt ends with "Assistant:"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -42,7 +31,7 @@ def demo_url(tiny_config, tmp_path):
     successor[vocab["###"]] = vocab["▁in"]
     make_bigram(model.llm, successor)
     demo = build_demo(model, GenerationSettings(do_sample=False, max_new_tokens=8), examples_dir=tmp_path / "examples")
-    port = _free_port()
+    port = free_port()
     launch(demo, host="127.0.0.1", port=port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -51,17 +40,8 @@ def demo_url(tiny_config, tmp_path):
 
 
 @pytest.fixture
-def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium (scripts/install.sh does it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
+def page(browser):
+    return browser.new_page()
 
 
 def _upload(page, path: Path) -> None:

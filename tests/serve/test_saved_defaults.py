@@ -22,7 +22,7 @@ from minigpt4.serve.config import ServeConfig
 from minigpt4.serve.engine import ModelEngine
 from minigpt4.serve.schemas import ChatCompletionRequest
 from minigpt4.testing import make_bigram
-from tests.serve.conftest import data_url, image_message, running_server
+from tests.serve.conftest import data_url, free_port, image_message, running_server
 
 RELEASE_CHAIN = [":", "▁a", "▁red", "▁image", "###"]  # what a vicuna_v0 prompt ("...###Assistant:") gets
 TRAIN_CHAIN = ["▁", "▁in", "###"]  # what a vicuna_v0_train prompt ("... ###Assistant: ") gets
@@ -162,10 +162,8 @@ def test_serve_answers_with_the_saved_template(loaded, photo):
 @pytest.fixture
 def demo_url(loaded, tmp_path):
     from minigpt4.serve.gradio_app import build_demo, launch
-    from tests.serve.test_demo_browser import _free_port
-
     demo = build_demo(loaded, examples_dir=tmp_path / "examples")  # nothing given: the model's defaults
-    port = _free_port()
+    port = free_port()
     launch(demo, host="127.0.0.1", port=port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -173,29 +171,22 @@ def demo_url(loaded, tmp_path):
         demo.close()
 
 
-def test_demo_uses_the_saved_template_and_decoding(demo_url, saved, cat_file):
-    from tests.serve.test_demo_browser import CHROMIUM, CHROMIUM_ARGS, _status_contains, _upload
+def test_demo_uses_the_saved_template_and_decoding(demo_url, saved, cat_file, browser):
+    from tests.serve.test_demo_browser import _status_contains, _upload
 
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(demo_url)
-            page.wait_for_selector("#upload input[type=file]", state="attached", timeout=60_000)
-            info = page.locator("#model-info").inner_text()
-            assert f"template vicuna_v0_train (from {saved / 'config.json'}), greedy, up to 8 new tokens" in info
-            assert not page.get_by_label("Sample (off: greedy / plain beam search)").is_checked()
-            _upload(page, cat_file)
-            _status_contains(page, "Image received")
-            page.locator("#question textarea").fill("What is this?")
-            page.locator("#question textarea").press("Enter")
-            page.wait_for_function(
-                "t => [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")]"
-                ".some(e => e.innerText.trim() === t)", arg=TRAIN_ANSWER, timeout=60_000)
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.goto(demo_url)
+    page.wait_for_selector("#upload input[type=file]", state="attached", timeout=60_000)
+    info = page.locator("#model-info").inner_text()
+    assert f"template vicuna_v0_train (from {saved / 'config.json'}), greedy, up to 8 new tokens" in info
+    assert not page.get_by_label("Sample (off: greedy / plain beam search)").is_checked()
+    _upload(page, cat_file)
+    _status_contains(page, "Image received")
+    page.locator("#question textarea").fill("What is this?")
+    page.locator("#question textarea").press("Enter")
+    page.wait_for_function(
+        "t => [...document.querySelectorAll(\"#chatbot [data-testid='bot']\")]"
+        ".some(e => e.innerText.trim() === t)", arg=TRAIN_ANSWER, timeout=60_000)
 
 
 # ------------------------------------------------------------------------------ training checkpoints
