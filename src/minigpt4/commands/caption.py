@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     from minigpt4.chat.generation import generate
     from minigpt4.chat.templates import Message, get_template
-    from minigpt4.processing.image import ImageError, eval_transform, load_image
+    from minigpt4.processing.image import eval_transform, load_batch
 
     overrides, inputs = split_overrides(args.inputs, keep=lambda item: Path(item).exists())
     if not inputs:
@@ -173,13 +173,8 @@ def run(args: argparse.Namespace) -> int:
     written = 0
     with args.output.open("a", encoding="utf-8") as out, tqdm(desc="captioning", unit="img", file=sys.stderr) as bar:
         for batch in _batches(pending, args.batch_size):
-            good, pixels = [], []
-            for item in batch:
-                try:
-                    pixels.append(transform(load_image(item.image, name=f"{item.source} [{item.key}]")))
-                    good.append(item)
-                except (ImageError, FileNotFoundError) as err:
-                    skipped.append(str(err))
+            good, pixels, errors = load_batch(batch, lambda it: (it.image, f"{it.source} [{it.key}]"), transform)
+            skipped += errors
             if good:
                 completions = generate(model, [prompt] * len(good), [[p] for p in pixels], settings,
                                        template_stops=template.stop, add_bos=template.add_bos)

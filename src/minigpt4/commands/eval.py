@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.chat.templates import Message, get_template
     from minigpt4.commands.model_options import model_config_from_args
     from minigpt4.eval.tasks import TaskFileError, read_task
-    from minigpt4.processing.image import ImageError, eval_transform, load_image
+    from minigpt4.processing.image import eval_transform, load_batch
     from minigpt4.train.distributed import all_gather_objects, barrier, broadcast_object, init_distributed, shutdown
 
     prompt = _checked_options(args)
@@ -233,13 +233,9 @@ def run(args: argparse.Namespace) -> int:
         with own.open("a", encoding="utf-8") as out, tqdm(total=len(pending), desc=f"eval {args.task}", unit="sample",
                                                           file=sys.stderr, disable=not ctx.is_main) as bar:
             for batch in _batches(pending, args.batch_size):
-                good, pixels = [], []
-                for sample in batch:
-                    try:
-                        pixels.append(transform(load_image(sample.image, name=f"{sample.image} (sample {sample.id})")))
-                        good.append(sample)
-                    except (ImageError, FileNotFoundError) as err:
-                        skipped.append(str(err))
+                good, pixels, errors = load_batch(
+                    batch, lambda s: (s.image, f"{s.image} (sample {s.id})"), transform)
+                skipped += errors
                 if good:
                     asked = [s.prompt if s.prompt is not None else prompt.replace(QUESTION, s.question or "")
                              for s in good]

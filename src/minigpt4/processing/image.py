@@ -9,7 +9,7 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+T = TypeVar("T")
 
 # Decoding a truncated file must fail, not return a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -212,6 +213,27 @@ def load_image(
             raise ImageError(f"cannot read image {label}: the {image.format} data is truncated or corrupt "
                              f"({err})") from err
         return to_rgb(image)
+
+
+def load_batch(
+    items: Sequence[T], image_of: Callable[[T], tuple[str | Path | bytes, str]], transform: ImageTransform
+) -> tuple[list[T], list[torch.Tensor], list[str]]:
+    """(the items whose image loaded, their transformed pixels, the errors of the others) for batched inference.
+
+    `image_of(item)` gives the image source and its name in errors. An unreadable image drops its item, so a
+    batch goes on without it and the caller counts the error (caption and eval skip such samples).
+    """
+    good: list[T] = []
+    pixels: list[torch.Tensor] = []
+    errors: list[str] = []
+    for item in items:
+        source, name = image_of(item)
+        try:
+            pixels.append(transform(load_image(source, name=name)))
+            good.append(item)
+        except (ImageError, FileNotFoundError) as err:
+            errors.append(str(err))
+    return good, pixels, errors
 
 
 def eval_transform(image_size: int = 224) -> ImageTransform:
