@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
@@ -456,19 +457,83 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @functools.lru_cache(maxsize=16)
-def _byte_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """Ids of SentencePiece byte-fallback tokens ("<0xE2>"): a run of them decodes only once complete."""
-    return frozenset(i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok))
+def _run_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids that leave a byte-fallback run open: the byte tokens ("<0xE2>"), and the special tokens,
+    which the decode skips, so the bytes on either side form one run. Empty without byte fallback."""
+    byte_ids = {i for tok, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(tok)}
+    if not byte_ids:
+        return frozenset()
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return frozenset(byte_ids | special | set(tokenizer.all_special_ids))
+
+
+class _TextDecoder:
+    """A row's text as its ids arrive: `step` returns the text the new id settled, pieces that join to
+    the one-shot `tokenizer.decode(ids, skip_special_tokens=True)`.
+
+    tokenizers' `DecodeStream` does the work: it decodes only the ids since its last complete
+    character (holding back split UTF-8 itself), so the work per token does not grow with the answer.
+    What it does not do is done here:
+    - A byte-fallback run ("<0xE2><0x82>...") decodes to one U+FFFD per byte unless the whole run is
+      valid UTF-8, so the text of an open run may still change: its ids are fed with the id that closes
+      it (not a special token: the decode skips those, so the bytes around one form one run).
+    - Where the decode is not the Rust backend's alone (no `tokenizers` backend, or a
+      `clean_up_tokenization_spaces` clean-up, which rewrites text across tokens: " n't" -> "n't"), or
+      should `DecodeStream` reject a window, the whole row is decoded again per token: exact, O(T) per token.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.run_ids = _run_token_ids(tokenizer)
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        fits = self.backend is not None and not tokenizer.clean_up_tokenization_spaces
+        self.stream = DecodeStream(skip_special_tokens=True) if fits else None
+        self.ids: list[int] = []
+        self.open_run = 0  # trailing ids of an open byte run, not fed yet
+        self.text = ""  # what the re-decoding fallback handed out
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        if token_id in self.run_ids:
+            self.open_run += 1
+            return ""
+        group, self.open_run = self.ids[len(self.ids) - 1 - self.open_run:], 0
+        if self.stream is not None:
+            try:
+                return self.stream.step(self.backend, group) or ""
+            except Exception as err:  # tokenizers raises a bare Exception for a window it cannot continue
+                log.warning("incremental decoding failed (%s); decoding the whole answer per token from here", err)
+                self.stream = None
+                self.text = self._decode(self.ids[: len(self.ids) - len(group)])
+        text = self._decode(self.ids)
+        if len(text) <= len(self.text) or not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def _decode(self, ids: list[int]) -> str:
+        # An unfinished UTF-8 character decodes to U+FFFD until it is complete.
+        return self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 class _RowText:
-    """One row's answer as its ids arrive: hands out the text that later tokens cannot change."""
+    """One row's answer as its ids arrive: hands out the text that later tokens cannot change.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: RowLimits, byte_ids: frozenset[int]):
-        self.tokenizer, self.byte_ids = tokenizer, byte_ids
+    The work per token does not grow with the answer: new text comes from `_TextDecoder`, stop
+    strings are looked for only where the new text could complete one, and only the text not handed
+    out yet (a tail that may become a stop string, trailing whitespace) is kept as one string. The
+    one-shot `finish` runs once, when the row ends, and defines the answer.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: RowLimits):
+        self.tokenizer = tokenizer
         self.stops, self.eos_ids, self.max_new_tokens = limits.stops, limits.stop_ids, limits.max_new_tokens
+        self.decoder = _TextDecoder(tokenizer)
         self.ids: list[int] = []
-        self.emitted = ""
+        self.pieces: list[str] = []  # handed out
+        self.pending = ""  # decoded, not handed out yet
+        self.reach = max((len(s) - 1 for s in self.stops), default=0)  # how far back a stop string may start
+        self.recent = ""  # the last `reach` characters decoded
         # A stop string or id, or the row's budget, was reached: later ids (padding) are not part of it.
         self.done = False
 
@@ -476,32 +541,42 @@ class _RowText:
         """Take one new id; return the text it settled (often empty)."""
         self.ids.append(token_id)
         self.done = len(self.ids) >= self.max_new_tokens  # the rest is handed out by `close`
-        text, _, reason = finish(self.tokenizer, self.ids, self.stops, self.eos_ids)
-        if reason == "stop":
+        if token_id in self.eos_ids:
             self.done = True
-            return self._advance(text)
-        settled = len(self.ids)
-        while settled and self.ids[settled - 1] in self.byte_ids:  # an open byte run may still change
-            settled -= 1
-        raw = self.tokenizer.decode(self.ids[:settled], skip_special_tokens=True).lstrip()
-        # Hold back a tail that may still become a stop string, an unfinished UTF-8 character, and
-        # trailing whitespace (the final answer is stripped).
-        hold = max((k for s in self.stops for k in range(1, len(s)) if raw.endswith(s[:k])), default=0)
-        return self._advance(raw[: len(raw) - hold].rstrip("\ufffd").rstrip())
+            return self._rest(finish(self.tokenizer, self.ids, self.stops, self.eos_ids)[0])
+        new = self.decoder.step(token_id)
+        if not new:
+            return ""
+        window = self.recent + new
+        if any(stop in window for stop in self.stops):
+            self.done = True
+            return self._rest(finish(self.tokenizer, self.ids, self.stops, self.eos_ids)[0])
+        self.recent = window[len(window) - self.reach:] if self.reach else ""
+        self.pending += new
+        if not self.pieces:
+            self.pending = self.pending.lstrip()  # the answer is stripped
+        # Hold back a tail that may still become a stop string (one that starts in text handed out
+        # would have been held back then, so `pending` suffices), and trailing whitespace.
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        settled = self.pending[: len(self.pending) - hold].rstrip("\ufffd").rstrip()
+        if settled:
+            self.pieces.append(settled)
+            self.pending = self.pending[len(settled):]
+        return settled
 
     def close(self, prompt_tokens: int) -> tuple[str, Completion]:
         """The text not handed out yet and the whole answer."""
         text, count, reason = finish(self.tokenizer, self.ids, self.stops, self.eos_ids)
-        rest = self._advance(text)
-        if not text.startswith(self.emitted):
-            log.warning("streamed text %r is not a prefix of the final answer %r", self.emitted, text)
-        return rest, Completion(text, prompt_tokens, count, reason)
+        return self._rest(text), Completion(text, prompt_tokens, count, reason)
 
-    def _advance(self, stable: str) -> str:
-        if stable.startswith(self.emitted) and len(stable) > len(self.emitted):
-            delta, self.emitted = stable[len(self.emitted):], stable
-            return delta
-        return ""
+    def _rest(self, answer: str) -> str:
+        """What of `answer` was not handed out yet (at the row's end: joins the pieces once)."""
+        handed = "".join(self.pieces)
+        if not answer.startswith(handed):
+            log.warning("streamed text %r is not a prefix of the final answer %r", handed, answer)
+            return ""
+        self.pieces = [answer]
+        return answer[len(handed):]
 
 
 class _RowsStreamer(BaseStreamer):
@@ -556,8 +631,7 @@ def stream_batch_from_embeds(
     with torch.inference_mode():
         prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
     limits = _row_limits(model, settings_rows, prepared.prompt_tokens, template_stops)
-    byte_ids = _byte_token_ids(model.tokenizer)
-    rows = [_RowText(model.tokenizer, row_limits, byte_ids) for row_limits in limits]
+    rows = [_RowText(model.tokenizer, row_limits) for row_limits in limits]
     criteria = StopCriteria(model.tokenizer, limits, cancelled)
     _run_generate(model, prepared, settings_rows[0], criteria, _RowsStreamer(rows, on_delta, cancelled))
     completions: list[Completion | None] = []
