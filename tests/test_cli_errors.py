@@ -36,7 +36,7 @@ CASES = [
     pytest.param(["chat", "--preset", "tiny", "vision.bogus=1", "hi"], id="chat-unknown-key"),
     pytest.param(["chat", "--preset", "tiny", "--image", "{tmp}/missing.png", "hi"], id="chat-image-missing"),
     pytest.param(["chat", "--preset", "tiny", "--top-p", "3", "hi"], id="chat-top-p"),
-    pytest.param(["chat", "--preset", "tiny", "llm.quantization=8bit", "hi"], id="chat-8bit-without-gpu",
+    pytest.param(["chat", "--preset", "tiny", "llm.quantization=bnb_8bit", "hi"], id="chat-bnb-8bit-without-gpu",
                  marks=no_cuda),
     pytest.param(["chat", "--max-new-tokens", "many", "hi"], id="chat-not-a-number"),
     pytest.param(["caption", "--preset", "tiny", "-o", "{dir}", "{dir}"], id="caption-output-is-folder"),

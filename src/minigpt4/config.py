@@ -135,7 +135,10 @@ class LLMConfig:
     # The padding token, a token of the tokenizer's vocabulary. "" = the tokenizer's own, else its EOS
     # (the Vicuna v0 releases pad with EOS); the Llama-2 release pads with "$$", so an EOS is learned.
     pad_token: str = ""
-    quantization: Literal["none", "8bit", "4bit"] = "none"
+    # How the LLM's weights are stored: "none" = model.dtype; "int8" = int8 weight-only (torchao, CPU or GPU,
+    # activations stay in model.dtype); "bnb_8bit" / "bnb_4bit" = bitsandbytes on a CUDA GPU (the original's
+    # low-resource mode). Like device_map, a loading choice of this machine: saved folders record none.
+    quantization: Literal["none", "int8", "bnb_8bit", "bnb_4bit"] = "none"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # Split the LLM over devices with accelerate: "" keeps it whole on model.device; "auto", "balanced",
     # "balanced_low_0" or "sequential" spread it over the GPUs, then the CPU, then disk (offload_folder).
@@ -150,6 +153,12 @@ class LLMConfig:
             field_name = "max_memory" if self.max_memory else "offload_folder"
             raise ConfigError(f"model.llm.{field_name} is set but model.llm.device_map is not: "
                               "set model.llm.device_map=auto (or balanced, sequential)")
+        if self.device_map and self.quantization != "none":
+            # accelerate's offload hooks rebuild weights as plain Parameters, which fails for torchao's int8
+            # tensors (tried: a TypeError at the first forward); bitsandbytes places the LLM itself.
+            raise ConfigError(f"model.llm.device_map={self.device_map!r} with model.llm.quantization="
+                              f"{self.quantization!r}: a quantized LLM loads whole on model.device; set one of them "
+                              "to ''/none")
         self.max_memory_map()  # a malformed string fails here, when the config is read
 
     def max_memory_map(self) -> dict[int | str, int] | None:
@@ -532,6 +541,13 @@ class TrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # FSDP shards plain weights; a quantized LLM holds int8 tensor subclasses it cannot split (and is small
+        # enough for DDP, where the frozen LLM trains the projection as it does in full precision).
+        if self.train.strategy == "fsdp" and self.model.llm.quantization != "none":
+            raise ConfigError(f"train.strategy=fsdp with model.llm.quantization={self.model.llm.quantization!r}: "
+                              "FSDP cannot shard a quantized LLM; use train.strategy=ddp or quantization=none")
 
 
 def train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainJobConfig:

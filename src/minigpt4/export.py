@@ -204,8 +204,10 @@ def export_transformers(model, directory: str | Path, overwrite: bool = False) -
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     from minigpt4.chat.templates import Message, get_template
+    from minigpt4.model.llm import check_not_quantized
 
     check_exportable(model.config)
+    check_not_quantized(model.llm, "exporting to transformers")
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} is not empty: give a new folder (or --overwrite)")

@@ -158,8 +158,8 @@ def test_quantization_without_a_gpu_is_a_clear_error(tiny_config):
 
     from minigpt4.config import ConfigError
 
-    tiny_config.llm.quantization = "8bit"
-    with pytest.raises(ConfigError, match="model.llm.quantization='8bit' needs bitsandbytes on a CUDA GPU"):
+    tiny_config.llm.quantization = "bnb_8bit"
+    with pytest.raises(ConfigError, match="model.llm.quantization='bnb_8bit' needs bitsandbytes on a CUDA GPU"):
         build_model(tiny_config)
 
 

@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     from minigpt4.model.minigpt4 import read_folder
 
     config = model_config_from_args(args, overrides)  # refuse a tower BLIP-2 cannot hold before loading anything
+    if config.llm.quantization != "none":
+        raise CommandError(f"model.llm.quantization={config.llm.quantization!r}: an export holds the LLM's full "
+                           "weights; leave model.llm.quantization=none")
     check_exportable(read_folder(args.checkpoint)[0] if args.checkpoint is not None else config)
     model = load_model(args, overrides)
     report = export_transformers(model, args.output, overwrite=True)

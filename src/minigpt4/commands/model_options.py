@@ -195,7 +195,9 @@ def load_model(args: argparse.Namespace, overrides: list[str]):
     torch.manual_seed(0)  # towers without weight files come out the same every run
     model = build_model(cfg)
     model.chat_defaults = apply_chat_flags(args, model.chat_defaults)
-    print(f"model ready in {time.perf_counter() - start:.1f} s (LLM {model.config.llm.path}, device {model.device}, "
+    quantized = "" if model.config.llm.quantization == "none" else f" in {model.config.llm.quantization}"
+    print(f"model ready in {time.perf_counter() - start:.1f} s (LLM {model.config.llm.path}{quantized}, "
+          f"device {model.device}, "
           f"dtype {model.config.dtype} ({model.dtype_reason})); "
           f"{model.chat_defaults.describe()}", file=sys.stderr, flush=True)
     random = random_parts(cfg, model.config.llm.path)

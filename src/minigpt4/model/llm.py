@@ -86,10 +86,37 @@ def check_loading_report(llm: PreTrainedModel, report: dict, source: str) -> Non
         raise CheckpointError(f"the LLM in {source} does not fit its config: " + "; ".join(problems))
 
 
+def is_quantized(llm: PreTrainedModel) -> bool:
+    """Whether transformers loaded `llm` through a quantizer: it is then placed at load and cannot be moved or
+    cast, and its weights are no longer plain tensors of the original values."""
+    return getattr(llm, "hf_quantizer", None) is not None
+
+
 def is_dispatched(llm: PreTrainedModel) -> bool:
     """Whether accelerate placed `llm` by a device map (split over devices, or offloaded): then it must not be
     moved as a whole, and its hooks move each layer's inputs to that layer's device."""
-    return bool(getattr(llm, "hf_device_map", None)) and getattr(llm, "hf_quantizer", None) is None
+    return bool(getattr(llm, "hf_device_map", None)) and not is_quantized(llm)
+
+
+def unwrapped_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each quantized weight (a tensor subclass such as torchao's Int8Tensor, whose ops stop at the
+    matmul) replaced by the plain tensors it holds, `name.qdata`, `name.scale`, ..., so `check_finite` can read
+    them: a NaN or inf in a weight row before quantization leaves a NaN or inf scale."""
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if hasattr(tensor, "__tensor_flatten__"):
+            inner_names, _ = tensor.__tensor_flatten__()
+            plain.update({f"{name}.{inner}": getattr(tensor, inner) for inner in inner_names})
+        else:
+            plain[name] = tensor
+    return plain
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """The bytes `module`'s parameters and buffers take in memory: a shared tensor once, a quantized weight by
+    the data and scales it stores, an offloaded (meta) tensor not at all."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    return sum(t.numel() * t.element_size() for t in unwrapped_tensors(tensors).values() if not t.is_meta)
 
 
 def check_offloaded_finite(llm: PreTrainedModel, source: str) -> None:
@@ -107,24 +134,43 @@ def check_offloaded_finite(llm: PreTrainedModel, source: str) -> None:
                 check_finite(weights[name], source, f"{module_name}.{name}")
 
 
-def _quantization_config(cfg: LLMConfig, device: torch.device):
+def quantization_config(cfg: LLMConfig, device: torch.device):
+    """transformers' `quantization_config` for `model.llm.quantization` on `device`, or None for "none".
+
+    A choice this machine cannot run is refused here, in one line, before any weight is read.
+    """
     if cfg.quantization == "none":
         return None
+    if cfg.quantization == "int8":
+        # Weight-only: each Linear keeps int8 weights and one scale per output row; activations stay in
+        # model.dtype, so the answers move little (measured in benchmarks/quantization.py).
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ConfigError(
             f"model.llm.quantization={cfg.quantization!r} needs bitsandbytes on a CUDA GPU, but the device is "
-            f"{device}. Use model.llm.quantization=none (and model.dtype=bfloat16 to halve memory)."
+            f"{device}: use model.llm.quantization=int8 (torchao int8 weights, any device) or none"
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as err:
         raise ConfigError(
             f"model.llm.quantization={cfg.quantization!r} needs the bitsandbytes package: pip install bitsandbytes"
         ) from err
-    if cfg.quantization == "8bit":
+    if cfg.quantization == "bnb_8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+
+
+def check_not_quantized(llm: PreTrainedModel, action: str) -> None:
+    """Raise ConfigError (one line) when `action` (saving, exporting) would need the full-precision weights of
+    an LLM that was loaded quantized."""
+    if is_quantized(llm):
+        raise ConfigError(f"{action} needs the LLM's full weights, but it was loaded quantized "
+                          "(model.llm.quantization): load it with model.llm.quantization=none")
 
 
 def load_llm(
@@ -140,14 +186,11 @@ def load_llm(
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.llm.path={cfg.path!r} has no config.json: not a Hugging Face model folder")
     device = torch.device(device)
-    quantization = _quantization_config(cfg, device)
+    quantization = quantization_config(cfg, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
-    if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": device.index or 0})
+    if quantization is not None:  # quantizers place the weights as they load them
+        kwargs.update(quantization_config=quantization, device_map=device)
     if cfg.device_map:
-        if quantization is not None:
-            raise ConfigError(f"model.llm.device_map={cfg.device_map!r} with model.llm.quantization="
-                              f"{cfg.quantization!r}: quantized loading places the LLM itself; set device_map=''")
         kwargs.update(device_map=cfg.device_map, max_memory=cfg.max_memory_map(),
                       offload_folder=str(Path(cfg.offload_folder).expanduser()) if cfg.offload_folder else None)
     try:
@@ -158,7 +201,7 @@ def load_llm(
     except (OSError, ValueError, RuntimeError) as err:  # transformers' errors for unreadable or mis-shaped files
         raise CheckpointError(f"model.llm.path={cfg.path!r}: the LLM could not be loaded: {err}") from err
     check_loading_report(llm, report, str(path))
-    check_finite(dict(llm.state_dict()), f"the LLM in {path}")  # skips offloaded (meta) weights...
+    check_finite(unwrapped_tensors(llm.state_dict()), f"the LLM in {path}")  # skips offloaded (meta) weights...
     check_offloaded_finite(llm, f"the LLM in {path}")  # ...which are read back one tensor at a time here
     if quantization is None and not is_dispatched(llm):
         llm.to(device)

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from minigpt4.config import MERGE_GROUP, ConfigError, LLMConfig, ModelConfig, from_dict, to_dict
 from minigpt4.chat.defaults import ChatDefaults
 from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
-from minigpt4.model.llm import is_dispatched, load_llm
+from minigpt4.model.llm import check_not_quantized, is_dispatched, is_quantized, load_llm
 from minigpt4.model.qformer import QFormer
 from minigpt4.model.vision import build_vision_tower
 from minigpt4.precision import name_of, resolve_dtype
@@ -139,7 +139,7 @@ class MiniGPT4(nn.Module):
         if self.qformer is not None:
             self.qformer.to(device, torch.float32 if self.config.qformer.trainable else dtype)
         self.proj.to(device, torch.float32)
-        if getattr(self.llm, "hf_quantizer", None) is None and not is_dispatched(self.llm):
+        if not is_quantized(self.llm) and not is_dispatched(self.llm):
             self.llm.to(device, dtype)
         return self
 
@@ -344,13 +344,16 @@ class MiniGPT4(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = from_dict(ModelConfig, to_dict(self.config))
         if include_llm or not config.llm.path:
+            check_not_quantized(self.llm, f"saving the LLM to {directory / 'llm'}")
             self.llm.save_pretrained(directory / "llm")
             self.tokenizer.save_pretrained(directory / "llm")
             config.llm.path = "llm"
         else:
             config.llm.path = str(Path(config.llm.path).expanduser().resolve())
-        # How this machine split the LLM is not part of the model (from_pretrained takes it as an argument).
+        # How this machine split or quantized the LLM is not part of the model (from_pretrained takes it as an
+        # argument): the folder names the full-precision LLM.
         config.llm.device_map, config.llm.max_memory, config.llm.offload_folder = "", "", ""
+        config.llm.quantization = "none"
         state = {k: v.detach().contiguous() for k, v in self.tower_state_dict().items()}
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         self.chat_defaults.save_generation_config(directory)
@@ -367,7 +370,8 @@ class MiniGPT4(nn.Module):
     ) -> "MiniGPT4":
         """Load a folder written by `save_pretrained` (a relative LLM path is relative to the folder), or by
         `minigpt4 export --format transformers`. `llm_placement`'s device_map, max_memory and offload_folder
-        split the LLM over devices (the folder records none)."""
+        split the LLM over devices, its quantization stores the LLM's weights in fewer bits (the folder records
+        neither)."""
         from minigpt4.export import import_transformers, is_transformers_export
 
         directory = Path(directory)
@@ -375,6 +379,10 @@ class MiniGPT4(nn.Module):
             if llm_placement is not None and llm_placement.device_map:
                 raise ConfigError(f"model.llm.device_map={llm_placement.device_map!r}: {directory} is a transformers "
                                   "export, which loads whole; use the save_pretrained folder, or device_map=''")
+            if llm_placement is not None and llm_placement.quantization != "none":
+                raise ConfigError(f"model.llm.quantization={llm_placement.quantization!r}: {directory} is a "
+                                  "transformers export, which loads in full precision; use the save_pretrained "
+                                  "folder, or quantization=none")
             return import_transformers(directory, device, dtype)
         config, chat_defaults = read_folder(directory)
         weights = directory / WEIGHTS_NAME
@@ -389,6 +397,7 @@ class MiniGPT4(nn.Module):
             config.llm.device_map = llm_placement.device_map
             config.llm.max_memory = llm_placement.max_memory
             config.llm.offload_folder = llm_placement.offload_folder
+            config.llm.quantization = llm_placement.quantization
         # The folder records the dtype it was resolved to; one that says "auto" is resolved for this device.
         torch_dtype = dtype if dtype is not None else resolve_dtype(config.dtype, config.device)[0]
         config.dtype = name_of(torch_dtype)
