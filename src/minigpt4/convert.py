@@ -16,8 +16,9 @@ import pickle
 import re
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,18 +51,42 @@ PROJECTION_IGNORED = [
     (r"^llama_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", "a constant rotary buffer"),
 ]
 
-# Q-Former: original name (after "Qformer.bert.") -> ours (after "qformer.").
+# The towers are transformers' Blip2VisionModel (`vision.*`) and Blip2QFormerModel (`qformer.*`). These tables
+# map the original names onto theirs.
+# EVA-ViT-g: eva_vit_g.pth key (also LAVIS' `visual_encoder.*`) -> Blip2VisionModel key. `blocks.N.attn.q_bias` and
+# `v_bias` have no single counterpart: they become one `qkv.bias` with a zero key third (`EVA_QV_BIAS`).
+_EVA_RENAMES = [
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.\1.self_attn.qkv.weight"),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+]
+EVA_QV_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.([qv])_bias$")
+
+# Q-Former: original name (after "Qformer.bert.") -> Blip2QFormerModel's (after "qformer."); the rest is equal.
 _QFORMER_RENAMES = [
-    (r"^embeddings\.LayerNorm\.", "embed_norm."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1.self_attn."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.self\.", r"layers.\1.cross_attn."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attn.out."),
-    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attn.norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"layers.\1.ffn.fc1."),
-    (r"^encoder\.layer\.(\d+)\.output_query\.dense\.", r"layers.\1.ffn.fc2."),
-    (r"^encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"layers.\1.ffn.norm."),
+    (r"^embeddings\.LayerNorm\.", "layernorm."),
+    (r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"encoder.layer.\1.\2.attention."),
+]
+
+# Folders saved before the towers were transformers' (format_version 1) and training checkpoints of a trainable
+# Q-Former from then: our former Q-Former names (after "qformer.") -> Blip2QFormerModel's. Their `vision.*` keys are
+# eva_vit_g.pth's names, mapped by `_EVA_RENAMES`.
+_OLD_QFORMER_RENAMES = [
+    (r"^embed_norm\.", "layernorm."),
+    (r"^layers\.(\d+)\.self_attn\.(query|key|value)\.", r"encoder.layer.\1.attention.attention.\2."),
+    (r"^layers\.(\d+)\.self_attn\.out\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.self_attn\.norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^layers\.(\d+)\.cross_attn\.(query|key|value)\.", r"encoder.layer.\1.crossattention.attention.\2."),
+    (r"^layers\.(\d+)\.cross_attn\.out\.", r"encoder.layer.\1.crossattention.output.dense."),
+    (r"^layers\.(\d+)\.cross_attn\.norm\.", r"encoder.layer.\1.crossattention.output.LayerNorm."),
+    (r"^layers\.(\d+)\.ffn\.fc1\.", r"encoder.layer.\1.intermediate_query.dense."),
+    (r"^layers\.(\d+)\.ffn\.fc2\.", r"encoder.layer.\1.output_query.dense."),
+    (r"^layers\.(\d+)\.ffn\.norm\.", r"encoder.layer.\1.output_query.LayerNorm."),
 ]
 
 KNOWN_LLM_SIZES = {4096: "a 7B LLaMA/Vicuna", 5120: "a 13B LLaMA/Vicuna", 6656: "a 33B LLaMA/Vicuna"}
@@ -242,7 +267,53 @@ def _split_ignored(
 # --------------------------------------------------------------------------------------------
 
 
-def eva_vit_state_dict(state: dict[str, torch.Tensor], depth: int, num_patches: int, source: str) -> dict[str, torch.Tensor]:
+def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
+    """`key` renamed by the first pattern of `renames` that matches it; None when none does."""
+    for pattern, replacement in renames:
+        renamed, hits = re.subn(pattern, replacement, key)
+        if hits:
+            return renamed
+    return None
+
+
+def eva_to_vision(
+    state: dict[str, torch.Tensor], file_prefix: str, num_patches: int, source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """EVA tensors under their original names (after `file_prefix`) -> `vision.*` (Blip2VisionModel's names),
+    and each new name -> the file's, for error messages.
+
+    `pos_embed` is resized to `num_patches` (`interpolate_pos_embed`); each block's q and v biases become its
+    `qkv.bias` with a zero key third. Keys no table knows keep their name under `vision.`, so the strict load
+    names them as unexpected.
+    """
+    mapped, file_keys = {}, {}
+    qv_bias: dict[int, dict[str, tuple[str, torch.Tensor]]] = defaultdict(dict)
+    for file_key, tensor in state.items():
+        key = file_key.removeprefix(file_prefix)
+        if match := EVA_QV_BIAS.match(key):
+            qv_bias[int(match.group(1))][match.group(2)] = (file_key, tensor)
+            continue
+        if key == "pos_embed":
+            tensor = interpolate_pos_embed(tensor, num_patches)
+        ours = "vision." + (_rename(key, _EVA_RENAMES) or key)
+        mapped[ours], file_keys[ours] = tensor, file_key
+    for block, biases in sorted(qv_bias.items()):
+        if set(biases) != {"q", "v"}:
+            lacking = "q" if "v" in biases else "v"
+            raise CheckpointError(f"{source} does not fit the model: missing keys: "
+                                  f"{file_prefix}blocks.{block}.attn.{lacking}_bias")
+        (q_key, q_bias), (_, v_bias) = biases["q"], biases["v"]
+        if not (isinstance(q_bias, torch.Tensor) and isinstance(v_bias, torch.Tensor)) or q_bias.shape != v_bias.shape:
+            raise CheckpointError(f"{source}: {q_key} and its v_bias are not two tensors of one shape")
+        ours = f"vision.encoder.layers.{block}.self_attn.qkv.bias"
+        mapped[ours] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+        file_keys[ours] = q_key.replace("q_bias", "q_bias/v_bias")
+    return mapped, file_keys
+
+
+def eva_vit_state_dict(
+    state: dict[str, torch.Tensor], depth: int, num_patches: int, source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Map `eva_vit_g.pth` keys to `vision.*`, dropping the last stored block on purpose.
 
     EVA-CLIP-g stores 40 blocks; MiniGPT-4 (after BLIP-2) builds 39, so the output is the
@@ -256,16 +327,10 @@ def eva_vit_state_dict(state: dict[str, torch.Tensor], depth: int, num_patches: 
             f"{source} stores {len(blocks)} ViT blocks; vision.depth={depth} needs {depth + 1} "
             f"(the last one is dropped on purpose) or exactly {depth}"
         )
-    out = {}
-    for key, tensor in state.items():
-        if key.startswith(f"blocks.{depth}."):
-            continue  # the 40th block: not built, on purpose
-        if key == "pos_embed":
-            tensor = interpolate_pos_embed(tensor, num_patches)
-        out[f"vision.{key}"] = tensor
     if len(blocks) == depth + 1:
         log.info("%s: block %d is not used (MiniGPT-4 builds %d blocks on purpose)", source, depth, depth)
-    return out
+    kept = {k: v for k, v in state.items() if not k.startswith(f"blocks.{depth}.")}  # the 40th block: not built
+    return eva_to_vision(kept, "", num_patches, source)
 
 
 def load_eva_vit(model: nn.Module, path: str | Path) -> None:
@@ -279,24 +344,22 @@ def load_eva_vit(model: nn.Module, path: str | Path) -> None:
     if cfg.arch != "eva_vit_g":
         raise CheckpointError(f"{path}: eva_vit_g.pth needs vision.arch=eva_vit_g, the config has {cfg.arch!r}")
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
-    mapped = eva_vit_state_dict(state, cfg.depth, num_patches, str(path))
+    mapped, file_keys = eva_vit_state_dict(state, cfg.depth, num_patches, str(path))
     vision_keys = {f"vision.{k}" for k in model.vision.state_dict()}
-    assign_strict(model, mapped, source=str(path), expected=vision_keys)
+    assign_strict(model, mapped, source=str(path), expected=vision_keys, file_keys=file_keys)
 
 
-def blip2_key(key: str) -> str:
-    """Our name for a BLIP-2 file key (unknown keys come back unchanged, to be reported)."""
-    if key == "query_tokens":
-        return "qformer.query_tokens"
-    if key.startswith("visual_encoder."):
-        return "vision." + key.removeprefix("visual_encoder.")
-    if key.startswith("Qformer.bert."):
-        rest = key.removeprefix("Qformer.bert.")
-        for pattern, replacement in _QFORMER_RENAMES:
-            renamed, hits = re.subn(pattern, replacement, rest)
-            if hits:
-                return "qformer." + renamed
-    return key  # ln_vision.* keeps its name
+def qformer_key(key: str) -> str:
+    """`qformer.` + a Q-Former key (original names after "Qformer.bert.") in Blip2QFormerModel's names."""
+    return "qformer." + (_rename(key, _QFORMER_RENAMES) or key)
+
+
+def upgrade_qformer_key(key: str) -> str:
+    """A key of ours from before the towers were transformers' (`qformer.embed_norm.weight`, ...) in today's names
+    (`qformer.layernorm.weight`, ...); any other key comes back unchanged."""
+    if key.startswith("qformer.") and (new := _rename(key.removeprefix("qformer."), _OLD_QFORMER_RENAMES)):
+        return "qformer." + new
+    return key
 
 
 def load_blip2(model: nn.Module, path: str | Path) -> None:
@@ -309,21 +372,41 @@ def load_blip2(model: nn.Module, path: str | Path) -> None:
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' entry: not a LAVIS BLIP-2 checkpoint")
     kept = _split_ignored(ckpt["model"], BLIP2_IGNORED, str(path))
-    mapped = {blip2_key(k): v for k, v in kept.items()}
-    file_keys = {blip2_key(k): k for k in kept}
-    vision = {k: v for k, v in mapped.items() if k.startswith("vision.")}
+    mapped, file_keys = {}, {}
+    for key, tensor in kept.items():
+        if key.startswith("visual_encoder."):
+            continue
+        ours = ("qformer.query_tokens" if key == "query_tokens" else
+                qformer_key(key.removeprefix("Qformer.bert.")) if key.startswith("Qformer.bert.") else
+                key)  # ln_vision.* keeps its name; anything else is reported as unexpected
+        mapped[ours], file_keys[ours] = tensor, key
+    vision = {k: v for k, v in kept.items() if k.startswith("visual_encoder.")}
     if vision:
         log.info("%s carries visual_encoder.* (%d tensors): they replace the ViT weights", path, len(vision))
         cfg = model.config.vision
-        if "vision.pos_embed" in vision:
-            vision["vision.pos_embed"] = interpolate_pos_embed(
-                vision["vision.pos_embed"], (cfg.image_size // cfg.patch_size) ** 2
-            )
+        vision, vision_files = eva_to_vision(vision, "visual_encoder.", (cfg.image_size // cfg.patch_size) ** 2,
+                                             str(path))
         mapped.update(vision)
+        file_keys.update(vision_files)
     required = {f"ln_vision.{k}" for k in model.ln_vision.state_dict()} | {
         f"qformer.{k}" for k in model.qformer.state_dict()
     }
     assign_strict(model, mapped, source=str(path), expected=required, file_keys=file_keys)
+
+
+def upgrade_tower_keys(state: dict[str, torch.Tensor], num_patches: int, source: str) -> dict[str, torch.Tensor]:
+    """Tower tensors saved before the towers were transformers' (format_version 1 folders, training checkpoints of
+    a trainable Q-Former), renamed to today's names; keys already in today's names pass unchanged.
+
+    The former `vision.*` names are eva_vit_g.pth's, the former `qformer.*` names `_OLD_QFORMER_RENAMES`' left sides.
+    """
+    old_vision = {k: v for k, v in state.items()
+                  if k.startswith("vision.") and (EVA_QV_BIAS.match(k.removeprefix("vision."))
+                                                  or _rename(k.removeprefix("vision."), _EVA_RENAMES))}
+    upgraded = {upgrade_qformer_key(k): v for k, v in state.items() if k not in old_vision}
+    if old_vision:
+        upgraded.update(eva_to_vision(old_vision, "vision.", num_patches, source)[0])
+    return upgraded
 
 
 def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -335,7 +418,9 @@ def projection_state_dict(ckpt: dict[str, Any], source: str) -> dict[str, torch.
             f"{source} has no llama_proj.weight/llama_proj.bias: not a MiniGPT-4 projection checkpoint "
             f"(its 'model' entry holds {name_list(state, 6) or 'nothing'})"
         )
-    return {("proj." + k.removeprefix("llama_proj.")) if k.startswith("llama_proj.") else k: v for k, v in state.items()}
+    # A training checkpoint of a trainable Q-Former also holds `qformer.*` (in older ones, our former names).
+    return {("proj." + k.removeprefix("llama_proj.")) if k.startswith("llama_proj.") else upgrade_qformer_key(k): v
+            for k, v in state.items()}
 
 
 def _connector_name(model: nn.Module, width: int) -> str:

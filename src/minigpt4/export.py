@@ -1,8 +1,9 @@
 """MiniGPT-4 as a plain transformers `Blip2ForConditionalGeneration` folder, and the input recipe it needs.
 
 MiniGPT-4 is BLIP-2's vision side in front of a causal LM, so transformers' BLIP-2 class holds it
-with no custom code: our EVA-ViT-g is `vision_model`, ln_vision its `post_layernorm`, our Q-Former
-`qformer` (+ `query_tokens`), our projection `language_projection`, the LLM `language_model`.
+with no custom code. Our towers are its own modules already: our EVA-ViT-g (a `Blip2VisionModel`) is
+`vision_model`, ln_vision its `post_layernorm`, our Q-Former (a `Blip2QFormerModel`) `qformer` with its
+queries as `query_tokens`, our projection `language_projection`, the LLM `language_model`.
 transformers splices the projected image features wherever the image token sits in `input_ids`;
 MiniGPT-4 puts the image in the middle of its prompt, so the export adds that token to the
 tokenizer and embedding matrix, and `build_inputs` lays a prompt out with the image tokens exactly
@@ -31,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from minigpt4.config import ConfigError, ModelConfig, from_dict, to_dict
 from minigpt4.convert import CheckpointError, read_json_object
+from minigpt4.model.vision import tower_configs
 from minigpt4.processing.image import CLIP_MEAN, CLIP_STD
 from minigpt4.processing.prompt import layout_sample
 
@@ -77,36 +79,20 @@ def check_exportable(config: ModelConfig) -> None:
 
 
 def blip2_configs(model, image_token_id: int, vocab_size: int):
-    """The `Blip2Config` holding our config's towers and the LLM's own config as `text_config`, plus a
+    """The `Blip2Config` holding our towers' configs and the LLM's own config as `text_config`, plus a
     `minigpt4` entry (our model config, chat defaults, the LLM's own vocabulary size) for the way back."""
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+    from transformers import Blip2Config
 
-    vision, qformer = model.config.vision, model.config.qformer
+    vision_config, qformer_config = tower_configs(model.config)
     text_config = copy.deepcopy(model.llm.config)
     text_config.vocab_size = vocab_size
     text_config.use_cache = True
     return Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=vision.width,
-            intermediate_size=vision.mlp_dim,
-            num_hidden_layers=vision.depth,
-            num_attention_heads=vision.num_heads,
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            layer_norm_eps=vision.layer_norm_eps,  # also post_layernorm's (ln_vision's 1e-5): see the module doc
-            qkv_bias=True,
-        ).to_dict(),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=qformer.hidden_size,
-            num_hidden_layers=qformer.num_layers,
-            num_attention_heads=qformer.num_heads,
-            intermediate_size=qformer.intermediate_size,
-            cross_attention_frequency=qformer.cross_attention_freq,
-            encoder_hidden_size=vision.width,
-            layer_norm_eps=qformer.layer_norm_eps,
-        ).to_dict(),
+        # `layer_norm_eps` is the blocks' and, in transformers, also post_layernorm's (ln_vision's 1e-5): module doc
+        vision_config=vision_config.to_dict(),
+        qformer_config=qformer_config.to_dict(),
         text_config=text_config.to_dict(),
-        num_query_tokens=qformer.num_query_tokens,
+        num_query_tokens=model.config.qformer.num_query_tokens,
         image_token_index=image_token_id,
         minigpt4={"format_version": EXPORT_VERSION, "model": to_dict(model.config),
                   "chat": model.chat_defaults.record(),
@@ -114,69 +100,32 @@ def blip2_configs(model, image_token_id: int, vocab_size: int):
     )
 
 
-def tower_key_map(config: ModelConfig, qformer) -> dict[str, str]:
-    """Our tower keys (`MiniGPT4.tower_state_dict`) -> `Blip2ForConditionalGeneration`'s, one to one, except
-    EVA's `q_bias`/`v_bias`, which transformers holds as one `qkv.bias` (with a zero key bias): see `EVA_QKV_BIAS`."""
-    keys = {
-        "vision.cls_token": "vision_model.embeddings.class_embedding",
-        "vision.pos_embed": "vision_model.embeddings.position_embedding",
-        "vision.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
-        "vision.patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
-        "ln_vision.weight": "vision_model.post_layernorm.weight",
-        "ln_vision.bias": "vision_model.post_layernorm.bias",
-        "qformer.query_tokens": "query_tokens",
-        "qformer.embed_norm.weight": "qformer.layernorm.weight",
-        "qformer.embed_norm.bias": "qformer.layernorm.bias",
-        "proj.weight": "language_projection.weight",
-        "proj.bias": "language_projection.bias",
-    }
-    vision_names = [("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"), ("norm1", "layer_norm1"),
-                    ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
-    for i in range(config.vision.depth):
-        for ours, theirs in vision_names:
-            for kind in ("weight", "bias"):
-                if (ours, kind) != ("attn.qkv", "bias"):  # EVA has no qkv bias of its own
-                    keys[f"vision.blocks.{i}.{ours}.{kind}"] = f"vision_model.encoder.layers.{i}.{theirs}.{kind}"
-    # The Q-Former's query path: BERT attention blocks, and the queries' own feed-forward (`*_query`).
-    attention = [("query", "attention.query"), ("key", "attention.key"), ("value", "attention.value"),
-                 ("out", "output.dense"), ("norm", "output.LayerNorm")]
-    ffn = [("fc1", "intermediate_query.dense"), ("fc2", "output_query.dense"), ("norm", "output_query.LayerNorm")]
-    for i, layer in enumerate(qformer.layers):
-        blocks = [("self_attn", "attention.", attention), ("ffn", "", ffn)]
-        if layer.cross_attn is not None:
-            blocks.append(("cross_attn", "crossattention.", attention))
-        for ours_block, their_block, names in blocks:
-            for ours, theirs in names:
-                for kind in ("weight", "bias"):
-                    keys[f"qformer.layers.{i}.{ours_block}.{ours}.{kind}"] = (
-                        f"qformer.encoder.layer.{i}.{their_block}{theirs}.{kind}")
-    return keys
+# Our tower keys (`MiniGPT4.tower_state_dict`) -> `Blip2ForConditionalGeneration`'s, by prefix. Our towers are its
+# own modules, so only where they sit differs: ln_vision is its post_layernorm, and the queries sit outside its
+# Q-Former (the first matching prefix wins).
+TOWER_PREFIXES = [("ln_vision.", "vision_model.post_layernorm."), ("vision.", "vision_model."),
+                  ("qformer.query_tokens", "query_tokens"), ("qformer.", "qformer."),
+                  ("proj.", "language_projection.")]
 
 
-EVA_QKV_BIAS = ("vision.blocks.{i}.attn.q_bias", "vision.blocks.{i}.attn.v_bias",
-                "vision_model.encoder.layers.{i}.self_attn.qkv.bias")
+def _swap_prefix(key: str, pairs: list[tuple[str, str]]) -> str:
+    """`key` with the first matching prefix of `pairs` replaced; unchanged (to be reported) when none matches."""
+    for prefix, replacement in pairs:
+        if key.startswith(prefix):
+            return replacement + key.removeprefix(prefix)
+    return key
 
 
 def towers_to_blip2(model) -> dict[str, torch.Tensor]:
     """Our vision tower, ln_vision, Q-Former and projection under `Blip2ForConditionalGeneration`'s names."""
-    ours = model.tower_state_dict()
-    state = {theirs: ours[key] for key, theirs in tower_key_map(model.config, model.qformer).items()}
-    for i in range(model.config.vision.depth):
-        q_key, v_key, qkv_key = (name.format(i=i) for name in EVA_QKV_BIAS)
-        state[qkv_key] = torch.cat([ours[q_key], torch.zeros_like(ours[q_key]), ours[v_key]])
-    return state
+    return {_swap_prefix(key, TOWER_PREFIXES): tensor for key, tensor in model.tower_state_dict().items()}
 
 
-def towers_from_blip2(model, blip2_state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """The inverse of `towers_to_blip2`, for `model.load_tower_state_dict`; a key bias EVA cannot hold is an error."""
-    state = {key: blip2_state[theirs] for key, theirs in tower_key_map(model.config, model.qformer).items()}
-    for i in range(model.config.vision.depth):
-        q_key, v_key, qkv_key = (name.format(i=i) for name in EVA_QKV_BIAS)
-        q_bias, k_bias, v_bias = blip2_state[qkv_key].chunk(3)
-        if k_bias.any():
-            raise CheckpointError(f"{source}: {qkv_key} has a nonzero key bias, which EVA-ViT-g has not")
-        state[q_key], state[v_key] = q_bias, v_bias
-    return state
+def towers_from_blip2(blip2_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `towers_to_blip2`, for `model.load_tower_state_dict` (which names what is missing)."""
+    inverse = [(new, old) for old, new in TOWER_PREFIXES]
+    return {_swap_prefix(key, inverse): tensor for key, tensor in blip2_state.items()
+            if not key.startswith("language_model.")}
 
 
 def _probe_image_embeds_diff(model, vision_model, qformer_model, query_tokens: torch.Tensor,
@@ -414,7 +363,7 @@ def import_transformers(directory: str | Path, device: str | torch.device | None
     tokenizer = _tokenizer_without_image_token(directory, config.llm.pad_token)
     model = MiniGPT4(config, llm, tokenizer, towers_on_meta=True)
     blip2_state = blip2.state_dict()
-    model.load_tower_state_dict(towers_from_blip2(model, blip2_state, source), source=source)
+    model.load_tower_state_dict(towers_from_blip2(blip2_state), source=source)
     model.chat_defaults = ChatDefaults.from_record(entry["chat"], source)
     llm.requires_grad_(False)
     llm.config.use_cache = False

@@ -9,37 +9,47 @@ import torch
 
 
 def to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Our tower state dict -> {"eva": ..., "blip2": ..., "proj": ...} with the original key names."""
+    """Our tower state dict (transformers' BLIP-2 module names) -> {"eva": ..., "blip2": ..., "proj": ...} with
+    the original key names. A `qkv.bias` becomes EVA's q_bias and v_bias; its key third must be zero."""
     eva, blip2, proj = {}, {}, {}
-    qformer_map = [
-        (r"^embed_norm\.", "embeddings.LayerNorm."),
-        (r"^layers\.(\d+)\.self_attn\.(query|key|value)\.", r"encoder.layer.\1.attention.self.\2."),
-        (r"^layers\.(\d+)\.self_attn\.out\.", r"encoder.layer.\1.attention.output.dense."),
-        (r"^layers\.(\d+)\.self_attn\.norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
-        (r"^layers\.(\d+)\.cross_attn\.(query|key|value)\.", r"encoder.layer.\1.crossattention.self.\2."),
-        (r"^layers\.(\d+)\.cross_attn\.out\.", r"encoder.layer.\1.crossattention.output.dense."),
-        (r"^layers\.(\d+)\.cross_attn\.norm\.", r"encoder.layer.\1.crossattention.output.LayerNorm."),
-        (r"^layers\.(\d+)\.ffn\.fc1\.", r"encoder.layer.\1.intermediate_query.dense."),
-        (r"^layers\.(\d+)\.ffn\.fc2\.", r"encoder.layer.\1.output_query.dense."),
-        (r"^layers\.(\d+)\.ffn\.norm\.", r"encoder.layer.\1.output_query.LayerNorm."),
+    vision_map = [
+        (r"^embeddings\.class_embedding$", "cls_token"),
+        (r"^embeddings\.position_embedding$", "pos_embed"),
+        (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+        (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
+        (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+        (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
     ]
+    qformer_map = [
+        (r"^layernorm\.", "embeddings.LayerNorm."),
+        (r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.", r"encoder.layer.\1.\2.self."),
+        (r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.output\.", r"encoder.layer.\1.\2.output."),
+        (r"^encoder\.layer\.(\d+)\.(intermediate_query|output_query)\.", r"encoder.layer.\1.\2."),
+    ]
+
+    def rename(key: str, table: list[tuple[str, str]]) -> str:
+        for pattern, repl in table:
+            new, hits = re.subn(pattern, repl, key)
+            if hits:
+                return new
+        raise KeyError(key)
+
     for key, tensor in state.items():
         tensor = tensor.detach().clone()
-        if key.startswith("vision."):
-            eva[key.removeprefix("vision.")] = tensor
+        if match := re.match(r"^vision\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$", key):
+            q_bias, k_bias, v_bias = tensor.chunk(3)
+            assert not k_bias.any(), f"{key}: EVA has no key bias"
+            eva[f"blocks.{match.group(1)}.attn.q_bias"] = q_bias.clone()
+            eva[f"blocks.{match.group(1)}.attn.v_bias"] = v_bias.clone()
+        elif key.startswith("vision."):
+            eva[rename(key.removeprefix("vision."), vision_map)] = tensor
         elif key.startswith("ln_vision."):
             blip2[key] = tensor
         elif key == "qformer.query_tokens":
             blip2["query_tokens"] = tensor
         elif key.startswith("qformer."):
-            rest = key.removeprefix("qformer.")
-            for pattern, repl in qformer_map:
-                new, hits = re.subn(pattern, repl, rest)
-                if hits:
-                    blip2["Qformer.bert." + new] = tensor
-                    break
-            else:
-                raise KeyError(key)
+            blip2["Qformer.bert." + rename(key.removeprefix("qformer."), qformer_map)] = tensor
         elif key.startswith("proj."):
             proj["llama_proj." + key.removeprefix("proj.")] = tensor
         else:

@@ -13,9 +13,10 @@ from tests.model.original_layout import to_original_keys, write_original_files
 @pytest.fixture
 def original_files(tiny_model, tmp_path):
     with torch.no_grad():
-        for block in tiny_model.vision.blocks:  # non-zero q/v biases, so the bias layout is exercised
-            block.attn.q_bias.normal_()
-            block.attn.v_bias.normal_()
+        for layer in tiny_model.vision.encoder.layers:  # non-zero q/v biases, so the bias layout is exercised
+            q_bias, k_bias, v_bias = layer.self_attn.qkv.bias.chunk(3)
+            q_bias.normal_()
+            v_bias.normal_()
     return write_original_files(tiny_model, tmp_path)
 
 
@@ -48,7 +49,8 @@ def test_eva_file_with_a_missing_tensor_names_it(tiny_model, tiny_config, origin
     eva = torch.load(original_files["eva"], weights_only=True)
     del eva["blocks.1.attn.q_bias"]
     torch.save(eva, original_files["eva"])
-    with pytest.raises(CheckpointError, match=r"missing keys: vision\.blocks\.1\.attn\.q_bias"):
+    message = r"eva\.pth does not fit the model: missing keys: blocks\.1\.attn\.q_bias$"  # the file's name for it
+    with pytest.raises(CheckpointError, match=message):
         _load(original_files, tiny_config)
 
 
@@ -146,4 +148,85 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_inverse_map_covers_every_tower_tensor(tiny_model):
     parts = to_original_keys(tiny_model.tower_state_dict())
-    assert sum(len(p) for p in parts.values()) == len(tiny_model.tower_state_dict())
+    # Each block's one qkv.bias is EVA's q_bias and v_bias.
+    assert sum(len(p) for p in parts.values()) == len(tiny_model.tower_state_dict()) + tiny_model.config.vision.depth
+
+
+# Our Q-Former names before the towers were transformers' (format_version 1), from the original names.
+FORMER_QFORMER_NAMES = [
+    (r"^embeddings\.LayerNorm\.", "embed_norm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.", r"layers.\1.self_attn."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.self_attn.norm."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.self\.", r"layers.\1.cross_attn."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attn.out."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attn.norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"layers.\1.ffn.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.dense\.", r"layers.\1.ffn.fc2."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"layers.\1.ffn.norm."),
+]
+
+
+def _former_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tower state dict under the names format_version 1 folders hold: eva_vit_g.pth's under `vision.`,
+    our former Q-Former names under `qformer.`."""
+    import re
+
+    parts = to_original_keys(state)
+    former = {f"vision.{k}": v for k, v in parts["eva"].items()}
+    former |= {f"proj.{k.removeprefix('llama_proj.')}": v for k, v in parts["proj"].items()}
+    for key, tensor in parts["blip2"].items():
+        if key == "query_tokens":
+            former["qformer.query_tokens"] = tensor
+        elif key.startswith("ln_vision."):
+            former[key] = tensor
+        else:
+            rest = key.removeprefix("Qformer.bert.")
+            renamed = next(re.sub(p, r, rest) for p, r in FORMER_QFORMER_NAMES if re.match(p, rest))
+            former["qformer." + renamed] = tensor
+    return former
+
+
+def test_folder_saved_with_the_former_tower_names_loads_identically(tiny_model, original_files, tmp_path, photo):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from minigpt4.processing.image import eval_transform
+
+    folder = tmp_path / "saved-v1"
+    tiny_model.save_pretrained(folder)
+    former = _former_names(load_file(str(folder / "model.safetensors")))
+    assert "vision.blocks.0.attn.q_bias" in former and "qformer.layers.0.cross_attn.query.weight" in former
+    save_file(former, str(folder / "model.safetensors"))
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["format_version"] == 2
+    (folder / "config.json").write_text(json.dumps(meta | {"format_version": 1}))
+
+    loaded = MiniGPT4.from_pretrained(folder)
+    for name, tensor in tiny_model.tower_state_dict().items():
+        assert torch.equal(tensor, loaded.tower_state_dict()[name]), name
+    pixels = eval_transform()(photo).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.encode_images(pixels), loaded.encode_images(pixels))
+
+
+def test_training_checkpoint_with_the_former_qformer_names_resumes(tiny_config, tmp_path):
+    """A trainable Q-Former's training checkpoint from format_version 1 days (`qformer.embed_norm.weight`, ...)."""
+    import dataclasses
+
+    from minigpt4.model.build import build_model
+    from minigpt4.train import checkpoint as ckpt
+
+    config = dataclasses.replace(tiny_config, qformer=dataclasses.replace(tiny_config.qformer, trainable=True))
+    torch.manual_seed(0)
+    trained = build_model(config)
+    state = ckpt.trainable_state_dict(trained)
+    former = _former_names({k: v for k, v in state.items() if k.startswith("qformer.")})
+    former |= {k: v for k, v in state.items() if k.startswith("llama_proj.")}
+    assert "qformer.embed_norm.weight" in former
+    torch.manual_seed(1)
+    fresh = build_model(config)
+    ckpt.load_trainable_state_dict(fresh, former, "old.pth")
+    for name, tensor in trained.qformer.state_dict().items():
+        assert torch.equal(tensor, fresh.qformer.state_dict()[name]), name

@@ -73,7 +73,7 @@ CONFIG_CORRUPTIONS = {
     "model is not an object": (lambda p: _edit_json(p, lambda m: _set(m, "model", [])),
                                r"config\.json: 'model' must be an object"),
     "wrong format_version": (lambda p: _edit_json(p, lambda m: _set(m, "format_version", "1")),
-                             r"config\.json: format_version '1' is not 1"),
+                             r"config\.json: format_version '1' is not one of 1, 2"),
 }
 
 

@@ -131,9 +131,9 @@ def test_from_pretrained_rejects_a_tampered_weights_file(tiny_model, tmp_path):
 
     tiny_model.save_pretrained(tmp_path / "ckpt")
     state = load_file(tmp_path / "ckpt" / "model.safetensors")
-    del state["qformer.embed_norm.bias"]
+    del state["qformer.layernorm.bias"]
     save_file(state, tmp_path / "ckpt" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing keys: qformer\.embed_norm\.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys: qformer\.layernorm\.bias"):
         MiniGPT4.from_pretrained(tmp_path / "ckpt")
 
 
@@ -148,7 +148,7 @@ def test_half_precision_loss_is_close_to_fp32(tiny_config, pixels, dtype):
         half = MiniGPT4(tiny_config, reference.llm, reference.tokenizer)
         half.load_state_dict(reference.state_dict())
         half.place("cpu", dtype)
-        assert half.vision.cls_token.dtype == dtype and half.proj.weight.dtype == torch.float32
+        assert half.vision.embeddings.class_embedding.dtype == dtype and half.proj.weight.dtype == torch.float32
         actual = half.loss(pixels, ["a cat", "a dog"])
     assert abs(actual.item() - expected.item()) / expected.item() < 0.02
 

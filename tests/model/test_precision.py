@@ -100,7 +100,7 @@ def test_saved_folder_records_the_resolved_dtype(tiny_config, tmp_path):
     meta["model"]["dtype"] = "auto"  # a hand-written folder may say auto: it is resolved for this device
     (tmp_path / "saved" / "config.json").write_text(json.dumps(meta))
     back = MiniGPT4.from_pretrained(tmp_path / "saved")
-    assert back.config.dtype == "float32" and back.vision.cls_token.dtype == torch.float32
+    assert back.config.dtype == "float32" and back.vision.embeddings.class_embedding.dtype == torch.float32
 
 
 def test_the_ready_line_says_which_dtype_and_why(tiny_llm_dir, capsys):

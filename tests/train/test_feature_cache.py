@@ -150,7 +150,7 @@ def test_feature_cache_roundtrip_resume_and_staleness(tmp_path, tiny_model):
     with pytest.raises(StaleCacheError, match="another image transform"):
         FeatureCache(tmp_path / "cache", tiny_model, train_transform(224))
     with torch.no_grad():
-        tiny_model.vision.blocks[0].mlp.fc1.weight.add_(0.01)
+        tiny_model.vision.encoder.layers[0].mlp.fc1.weight.add_(0.01)
     with pytest.raises(StaleCacheError, match="minigpt4 cache-features"):
         FeatureCache(tmp_path / "cache", tiny_model, transform)
 

@@ -14,10 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minigpt4.config import MERGE_GROUP, ConfigError, LLMConfig, ModelConfig, from_dict, to_dict
 from minigpt4.chat.defaults import ChatDefaults
-from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object
+from minigpt4.convert import CheckpointError, read_checkpoint, read_json_object, upgrade_tower_keys
 from minigpt4.model.llm import check_not_quantized, is_dispatched, is_quantized, load_llm
 from minigpt4.model.qformer import QFormer
-from minigpt4.model.vision import build_vision_tower
+from minigpt4.model.vision import build_vision_tower, tower_configs
 from minigpt4.precision import name_of, resolve_dtype
 from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
 
@@ -29,7 +29,10 @@ _PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+# 2: the towers under transformers' Blip2VisionModel / Blip2QFormerModel names. Folders of version 1 (our former
+# names) still load: `convert.upgrade_tower_keys` renames their tensors.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_KEYS = {"format_version", "model", "chat"}
 
 
@@ -42,10 +45,10 @@ def read_folder(directory: Path) -> tuple[ModelConfig, ChatDefaults]:
     unknown = sorted(set(meta) - CONFIG_KEYS)
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(CONFIG_KEYS))}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path}: format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}: not a folder written by "
-            "this version of save_pretrained"
+            f"{path}: format_version {meta.get('format_version')!r} is not one of "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: not a folder written by this version of save_pretrained"
         )
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: 'model' must be an object (the model config), got {meta.get('model')!r}")
@@ -93,10 +96,11 @@ class MiniGPT4(nn.Module):
         super().__init__()
         self.config = config
         with torch.device("meta") if towers_on_meta else torch.device("cpu"):
-            self.vision = build_vision_tower(config.vision, config.attn_implementation)
+            self.vision = build_vision_tower(config)
             self.ln_vision = nn.LayerNorm(self.vision.num_features, eps=config.vision.ln_vision_eps)
             # The "merge4" connector (the Llama-2 release) has no Q-Former at all.
-            self.qformer = (QFormer(config.qformer, self.vision.num_features, config.attn_implementation)
+            self.qformer = (QFormer(tower_configs(config, self.vision.num_features)[1],
+                                    config.qformer.num_query_tokens)
                             if config.connector == "qformer" else None)
         if self.qformer is None and towers_on_meta:
             # Only BLIP-2's file holds trained ln_vision weights, and the Llama-2 release loads none: its
@@ -403,7 +407,9 @@ class MiniGPT4(nn.Module):
         config.dtype = name_of(torch_dtype)
         llm_model, tokenizer = load_llm(config.llm, torch_dtype, config.device)
         model = cls(config, llm_model, tokenizer, towers_on_meta=True)
-        model.load_tower_state_dict(read_checkpoint(weights), source=str(weights))
+        num_patches = (config.vision.image_size // config.vision.patch_size) ** 2
+        state = upgrade_tower_keys(read_checkpoint(weights), num_patches, str(weights))  # version 1's names
+        model.load_tower_state_dict(state, source=str(weights))
         model.chat_defaults = chat_defaults
         model.lock()
         return model.place(config.device, torch_dtype)

@@ -1,8 +1,8 @@
-"""Frozen vision towers.
+"""Frozen vision towers, and the one place our typed config becomes transformers' BLIP-2 configs.
 
-`EvaViT` is EVA-ViT-g/14 as MiniGPT-4 (after BLIP-2) builds it: 39 pre-norm blocks, absolute
-position embeddings, a q/v bias but no k bias, and no final norm. Parameter names equal the keys of
-`eva_vit_g.pth`, so that file loads without renaming.
+EVA-ViT-g/14 (MiniGPT-4's tower, after BLIP-2) is transformers' own `Blip2VisionModel`: 39 pre-norm
+blocks, absolute position embeddings, a q/v bias but no k bias (stored as one `qkv.bias` whose key
+third is zero). `minigpt4.convert` maps the original `eva_vit_g.pth` / LAVIS key names onto it.
 
 Every tower maps pixels (B, 3, H, W) to tokens (B, N, C) and exposes `num_features` (= C).
 """
@@ -14,116 +14,79 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel
 
-from minigpt4.config import VisionConfig
+from minigpt4.config import ModelConfig
 
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float = 0.0):
-    """Softmax attention over (B, heads, N, D) tensors; "eager" is the textbook formula."""
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
-    return probs @ v
+# transformers' BLIP-2 vision config initialises random weights with std 1e-10; random towers (tests,
+# benchmarks) use BERT's 0.02 instead, so their activations are not all alike. Loaded weights overwrite it.
+RANDOM_INIT_STD = 0.02
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+def tower_configs(cfg: ModelConfig, encoder_width: int | None = None) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
+    """transformers' configs of our EVA-ViT-g and Q-Former, from `cfg` (the one place this mapping lives).
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixels).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
-
-
-class EvaAttention(nn.Module):
-    def __init__(self, width: int, num_heads: int, impl: str):
-        super().__init__()
-        self.num_heads = num_heads
-        self.impl = impl
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
-        # EVA stores separate q and v biases; the key projection has none.
-        self.q_bias = nn.Parameter(torch.zeros(width))
-        self.v_bias = nn.Parameter(torch.zeros(width))
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
-        qkv = qkv.view(batch, tokens, 3, self.num_heads, width // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        out = attention(q, k, v, self.impl)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
-
-
-class EvaMLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+    `encoder_width` is the width of the tokens the Q-Former attends to: the tower's `num_features`
+    (`cfg.vision.width` for EVA-ViT-g, 1280 for EfficientNet-Lite0). The attention kernel is
+    `cfg.attn_implementation`, which transformers dispatches.
+    """
+    vision, qformer = cfg.vision, cfg.qformer
+    vision_config = Blip2VisionConfig(
+        hidden_size=vision.width,
+        intermediate_size=vision.mlp_dim,
+        num_hidden_layers=vision.depth,
+        num_attention_heads=vision.num_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        layer_norm_eps=vision.layer_norm_eps,
+        qkv_bias=True,
+        initializer_range=RANDOM_INIT_STD,
+        attn_implementation=cfg.attn_implementation,
+    )
+    qformer_config = Blip2QFormerConfig(
+        hidden_size=qformer.hidden_size,
+        num_hidden_layers=qformer.num_layers,
+        num_attention_heads=qformer.num_heads,
+        intermediate_size=qformer.intermediate_size,
+        cross_attention_frequency=qformer.cross_attention_freq,
+        encoder_hidden_size=vision.width if encoder_width is None else encoder_width,
+        layer_norm_eps=qformer.layer_norm_eps,
+        hidden_dropout_prob=qformer.dropout,
+        attention_probs_dropout_prob=qformer.dropout,
+        initializer_range=RANDOM_INIT_STD,
+        attn_implementation=cfg.attn_implementation,
+    )
+    return vision_config, qformer_config
 
 
-class EvaBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig, impl: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = EvaAttention(cfg.width, cfg.num_heads, impl)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.mlp = EvaMLP(cfg.width, cfg.mlp_dim)
+class EvaViT(Blip2VisionModel):
+    """EVA-ViT-g/14 as transformers' `Blip2VisionModel`: (B, 3, 224, 224) -> (B, 1 + 16*16, 1408).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    MiniGPT-4's EVA has no final norm: `ln_vision` (eps 1e-5, a separate module of `MiniGPT4`, as in
+    the original) follows it. transformers' `post_layernorm` would normalise with the blocks' eps
+    (1e-6, its one `layer_norm_eps`), so it is the identity here and the tower returns the last block's
+    output; ln_vision then runs at exactly its own eps, and the state dict holds no unused norm.
+    """
 
+    def __init__(self, config: Blip2VisionConfig):
+        if config.image_size % config.patch_size:
+            raise ValueError(f"vision.image_size={config.image_size} is not a multiple of "
+                             f"vision.patch_size={config.patch_size}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"vision.width={config.hidden_size} is not divisible by "
+                             f"vision.num_heads={config.num_attention_heads}")
+        super().__init__(config)
+        self.post_layernorm = nn.Identity()  # ln_vision (MiniGPT4.ln_vision) takes its place: see above
+        self.image_size = config.image_size
+        self.num_features = config.hidden_size
 
-class EvaViT(nn.Module):
-    """EVA-ViT-g/14: (B, 3, 224, 224) -> (B, 1 + 16*16, 1408)."""
-
-    def __init__(self, cfg: VisionConfig, attn_implementation: str = "sdpa"):
-        super().__init__()
-        if cfg.image_size % cfg.patch_size:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, 1 + N, C) tokens of the last block."""
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
-                f"vision.image_size={cfg.image_size} is not a multiple of vision.patch_size={cfg.patch_size}"
+                f"expected {self.image_size}x{self.image_size} images, got {tuple(pixel_values.shape[-2:])}"
             )
-        if cfg.width % cfg.num_heads:
-            raise ValueError(f"vision.width={cfg.width} is not divisible by vision.num_heads={cfg.num_heads}")
-        self.image_size = cfg.image_size
-        self.num_features = cfg.width
-        num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.width))
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
-        self.blocks = nn.ModuleList(EvaBlock(cfg, attn_implementation) for _ in range(cfg.depth))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # Random init for tests and benchmarks; real use overwrites every tensor from eva_vit_g.pth.
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for depth, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.data.div_(math.sqrt(2.0 * depth))
-            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * depth))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected {self.image_size}x{self.image_size} images, got {tuple(pixels.shape[-2:])}"
-            )
-        x = self.patch_embed(pixels)  # (B, N, C)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + N, C)
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return super().forward(pixel_values=pixel_values).last_hidden_state
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int, num_extra_tokens: int = 1) -> torch.Tensor:
@@ -144,12 +107,13 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int, num_extra_t
     return torch.cat([head, grid.to(head.dtype)], dim=1)
 
 
-def build_vision_tower(cfg: VisionConfig, attn_implementation: str = "sdpa") -> nn.Module:
-    """The tower named by `vision.arch`, with random weights."""
-    if cfg.arch == "eva_vit_g":
-        return EvaViT(cfg, attn_implementation)
-    if cfg.arch == "efficientnet_lite0":
+def build_vision_tower(cfg: ModelConfig) -> nn.Module:
+    """The tower named by `cfg.vision.arch`, with random weights."""
+    if cfg.vision.arch == "eva_vit_g":
+        return EvaViT(tower_configs(cfg)[0])
+    if cfg.vision.arch == "efficientnet_lite0":
         from minigpt4.model.efficientnet import EfficientNetLiteTower
 
-        return EfficientNetLiteTower(cfg)
-    raise ValueError(f"vision.arch={cfg.arch!r} is not a known tower (eva_vit_g, efficientnet_lite0)")
+        return EfficientNetLiteTower(cfg.vision)
+    raise ValueError(f"vision.arch={cfg.vision.arch!r} is not a known tower (eva_vit_g, efficientnet_lite0)")
+

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from minigpt4.chat.defaults import RELEASE, ChatDefaults
-from minigpt4.convert import CheckpointError, read_checkpoint
+from minigpt4.convert import CheckpointError, read_checkpoint, upgrade_qformer_key
 from minigpt4.processing.prompt import LLAMA2_TEMPLATE, VICUNA_V0_TEMPLATE
 
 if TYPE_CHECKING:
@@ -209,7 +209,8 @@ def trainable_state_dict(model: MiniGPT4) -> dict[str, torch.Tensor]:
 def load_trainable_state_dict(model: MiniGPT4, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `trainable_state_dict` output back into `model`, strictly, keeping parameter identity."""
     proj = {k.removeprefix("llama_proj."): v for k, v in state.items() if k.startswith("llama_proj.")}
-    qformer = {k.removeprefix("qformer."): v for k, v in state.items() if k.startswith("qformer.")}
+    # Checkpoints from before the Q-Former was transformers' hold its former names: read under today's.
+    qformer = {upgrade_qformer_key(k).removeprefix("qformer."): v for k, v in state.items() if k.startswith("qformer.")}
     unknown = [k for k in state if not k.startswith(("llama_proj.", "qformer."))]
     if unknown:
         raise CheckpointError(f"{source}: unexpected trainable weights {unknown[:8]}")
