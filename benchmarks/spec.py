@@ -14,24 +14,30 @@ from typing import Any
 
 @dataclass
 class Switches:
-    """The speed switches. All off (the defaults) is the baseline: our model in its plainest form."""
+    """What a variant runs. All defaults = the original MiniGPT-4's own step on this device: its precision
+    (fp32 on a CPU, fp16 weights + fp16 autocast on a GPU), eager attention, logits at every position
+    (`llm(..., labels=...)`), every row padded to the batch's longest, towers run in every step."""
 
+    dtype: str = "original"  # original (fp32 CPU / fp16 GPU, as its configs) | auto (ours) | float32 | bfloat16
     sdpa: bool = False  # scaled-dot-product attention in the ViT, Q-Former and LLM (off: eager math)
-    bf16: bool = False  # frozen parts stored in bf16 (model.dtype); training also under bf16 autocast
     target_logits: bool = False  # LM head only at target positions (off: full logits, as llm(...).logits)
     length_buckets: int = 1  # > 1: rows grouped by length, trailing padding not computed
     cache: bool = False  # train from the frozen-feature cache (the towers never run in the step)
     compile: bool = False  # torch.compile of the ViT, Q-Former and LLM body (training only)
+    transformers: bool = False  # transformers' Blip2ForConditionalGeneration loaded from our export
     kv_cache: bool = False  # chat: reuse attention keys/values while decoding (off: recompute all)
     gen_batch: int = 1  # chat: prompts decoded together (left padding)
 
     def describe(self) -> str:
-        on = [name for name in ("sdpa", "bf16", "target_logits", "cache", "compile", "kv_cache") if getattr(self, name)]
+        on = [] if self.dtype == "original" else [f"dtype={self.dtype}"]
+        if self.transformers:
+            on.append("transformers Blip2ForConditionalGeneration")
+        on += [name for name in ("sdpa", "target_logits", "cache", "compile", "kv_cache") if getattr(self, name)]
         if self.length_buckets > 1:
             on.append(f"buckets={self.length_buckets}")
         if self.gen_batch > 1:
             on.append(f"batch={self.gen_batch}")
-        return ", ".join(on) or "none (fp32, eager, full logits)"
+        return ", ".join(on) or "the original's settings (its precision, eager, full logits)"
 
 
 @dataclass
@@ -58,35 +64,37 @@ class Spec:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Spec":
+    def from_json(cls, text: str) -> Spec:
         data: dict[str, Any] = json.loads(text)
         data["switches"] = Switches(**data.get("switches", {}))
         return cls(**data)
 
 
-# Variants by name: each speed switch alone on top of the baseline, and the switches together.
-# "fast" leaves SDPA out: on this CPU it was no faster than the eager math for these shapes (and its
-# bf16 backward slower); "fast+sdpa" is the GPU setting.
+# Variants by name. The reference of every ratio is "original": what the original MiniGPT-4 runs on the same
+# device. "transformers" is transformers' own BLIP-2 class holding the same weights (our export), with its
+# defaults (SDPA); trained as one would with it: forward with labels, backward into language_projection.
+# "ours" is `minigpt4 train` with its defaults (model.dtype=auto, SDPA, LM head at target positions) plus
+# train.length_buckets=4.
+OURS = dict(dtype="auto", sdpa=True, target_logits=True, length_buckets=4)
 TRAIN_VARIANTS: dict[str, Switches] = {
-    "baseline": Switches(),
+    "original": Switches(),
+    "transformers": Switches(dtype="auto", sdpa=True, transformers=True),
+    "ours": Switches(**OURS),
+    "ours+cache": Switches(**OURS, cache=True),
+    # single switches on top of the original's settings
     "sdpa": Switches(sdpa=True),
-    "bf16": Switches(bf16=True),
+    "bf16": Switches(dtype="bfloat16"),
     "target-logits": Switches(target_logits=True),
     "buckets": Switches(length_buckets=4),
     "cache": Switches(cache=True),
-    "compile": Switches(compile=True),
-    "fast": Switches(bf16=True, target_logits=True, length_buckets=4),
-    "fast+cache": Switches(bf16=True, target_logits=True, length_buckets=4, cache=True),
-    "fast+sdpa": Switches(sdpa=True, bf16=True, target_logits=True, length_buckets=4),
-    "fast+sdpa+cache": Switches(sdpa=True, bf16=True, target_logits=True, length_buckets=4, cache=True),
-    "fast+compile": Switches(bf16=True, target_logits=True, length_buckets=4, compile=True),
+    "ours+compile": Switches(**OURS, compile=True),
 }
 CHAT_VARIANTS: dict[str, Switches] = {
-    "baseline": Switches(),
-    "kv-cache": Switches(kv_cache=True),
-    "sdpa": Switches(sdpa=True),
-    "bf16": Switches(bf16=True),
-    "fast": Switches(bf16=True, kv_cache=True),
-    "fast+sdpa": Switches(sdpa=True, bf16=True, kv_cache=True),
-    "fast-batch4": Switches(bf16=True, kv_cache=True, gen_batch=4),
+    "original": Switches(kv_cache=True),  # transformers' generate with its KV cache, as the original chats
+    "sdpa": Switches(kv_cache=True, sdpa=True),
+    "bf16": Switches(kv_cache=True, dtype="bfloat16"),
+    "ours": Switches(kv_cache=True, dtype="auto", sdpa=True),
+    "ours-batch4": Switches(kv_cache=True, dtype="auto", sdpa=True, gen_batch=4),
+    # a curiosity, never a reference: the whole sequence recomputed for every new token
+    "no-kv-cache": Switches(),
 }

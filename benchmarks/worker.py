@@ -15,14 +15,17 @@ import json
 import logging
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from benchmarks.peak import matmul_peak
 from benchmarks.spec import Spec
 
 log = logging.getLogger("benchmarks.worker")
@@ -156,10 +159,26 @@ def model_config(spec: Spec):
         raise ValueError(f"dims={spec.dims!r}: choose tiny or original")
     sw = spec.switches
     cfg.device = spec.device
-    cfg.dtype = "bfloat16" if sw.bf16 else "float32"
+    cfg.dtype = variant_dtype(spec)
     cfg.attn_implementation = "sdpa" if sw.sdpa else "eager"
     cfg.llm.attn_implementation = cfg.attn_implementation
     return cfg
+
+
+def variant_dtype(spec: Spec) -> str:
+    """The dtype name the variant's weights are stored in (and its step autocasts to, when not fp32).
+
+    "original": what the original's configs run on the device: fp32 on a CPU (its autocast is off there
+    and its fp16 ViT cannot take fp32 pixels, so a CPU user runs vit_precision fp32), fp16 on a GPU.
+    "auto": our model.dtype=auto (fp32 on a CPU without native bf16, bf16 on a bf16 GPU).
+    """
+    from minigpt4.precision import resolve_dtype
+
+    if spec.switches.dtype == "original":
+        return "float32" if torch.device(spec.device).type == "cpu" else "float16"
+    if spec.switches.dtype == "auto":
+        return str(resolve_dtype("auto", spec.device)[0]).removeprefix("torch.")
+    return spec.switches.dtype
 
 
 def build(spec: Spec):
@@ -216,7 +235,8 @@ def random_llama(spec: Spec, dims: dict, dtype: torch.dtype, attn_implementation
 
     torch.manual_seed(spec.seed)
     with torch.device(spec.device):
-        llm = AutoModelForCausalLM.from_config(LlamaConfig(**dims), dtype=dtype, attn_implementation=attn_implementation)
+        llm = AutoModelForCausalLM.from_config(LlamaConfig(**dims), dtype=dtype,
+                                               attn_implementation=attn_implementation)
     llm.requires_grad_(False)
     llm.eval()
     llm.config.use_cache = False
@@ -264,15 +284,27 @@ def write_dataset(spec: Spec, tokenizer, root: Path, image_size: int) -> None:
 # ------------------------------------------------------------------------------------ training
 
 
-def run_train(spec: Spec, model, scratch: Path) -> dict:
-    """Time training steps of the spec's layout; report throughput, loss, memory and FLOPs."""
+@dataclass
+class TrainSetup:
+    """One variant's training step, ready to run on its fixed batch."""
+
+    step: Callable[[], float]  # forward + backward + AdamW; returns the loss
+    tokens: int  # LLM input positions incl. image, excl. padding
+    padded_positions: int
+    compute_dtype: str
+    cache_build_times: list[float]
+
+
+def train_setup(spec: Spec, model, scratch: Path) -> TrainSetup:
+    """The spec's data (written to `scratch`), layout, loss and optimizer, as one `step` callable."""
     from minigpt4.config import TrainConfig
     from minigpt4.data.aligned import stage2_batches
     from minigpt4.data.prompts import load_prompts
     from minigpt4.feature_cache import FeatureCache, build_cache, feature_batches
+    from minigpt4.model.llm import DTYPES
     from minigpt4.processing.image import eval_transform
     from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, layout_batch
-    from minigpt4.train.optim import build_optimizer
+    from minigpt4.train.loop import CaptionLoss, target_count
 
     sw = spec.switches
     device = model.device
@@ -283,10 +315,13 @@ def run_train(spec: Spec, model, scratch: Path) -> dict:
     _, end_sym, max_txt_len, with_prompt = STAGE_LAYOUT[spec.layout]
     prompt = load_prompts(None, VICUNA_V0_TEMPLATE)[0] if with_prompt else None
 
-    cache_build_s = None
+    cache_build_times: list[float] = []
     if sw.cache:
-        _, cache_build_s = timed(device, lambda: build_cache(model, [("aligned", str(root))], scratch / "cache",
-                                                             transform, views=1, batch_size=spec.batch))
+        # Built `steps` times (the last one is used), so its cost per image is a min/median/max too.
+        for _ in range(spec.steps):
+            _, seconds = timed(device, lambda: build_cache(model, [("aligned", str(root))], scratch / "cache",
+                                                           transform, views=1, batch_size=spec.batch))
+            cache_build_times.append(seconds)
         batch = next(feature_batches(FeatureCache(scratch / "cache", model, transform), spec.batch, seed=spec.seed))
         inputs = batch["features"].to(device)
     else:
@@ -295,54 +330,123 @@ def run_train(spec: Spec, model, scratch: Path) -> dict:
     layout = layout_batch(model.tokenizer, batch["text"], model.num_image_tokens, prompt, end_sym, max_txt_len)
     layout = layout.to(device)
     tokens = int(layout.attention_mask.sum())  # LLM input positions incl. image, excl. padding
-    if sw.compile:
-        compile_model(model)
-    model.train()
-    optimizer = build_optimizer(model, TrainConfig())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=sw.bf16)
+    dtype_name = variant_dtype(spec)
+    compute_dtype = DTYPES[dtype_name]
+    if sw.transformers:
+        loss_fn, trainable = transformers_trainee(spec, model, layout, inputs, scratch, compute_dtype)
+    else:
+        if sw.compile:
+            compile_model(model)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if sw.target_logits:
+            # The training loop's own loss module and normalisation (minigpt4 train, one process).
+            caption_loss = CaptionLoss(model, length_buckets=sw.length_buckets)
+            targets = target_count(layout)
+
+            def loss_fn() -> torch.Tensor:
+                return caption_loss(inputs, sw.cache, layout).float() / targets
+        else:
+            def loss_fn() -> torch.Tensor:
+                # The original's step: logits at every position, as llm(..., labels=...) computes them.
+                image_embeds = model.project(inputs) if sw.cache else model.encode_images(inputs)
+                return model.lm_loss(model.embed(layout, image_embeds), layout.attention_mask, layout.labels,
+                                     length_buckets=sw.length_buckets, full_logits=True)
+
+    config = TrainConfig()
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
     def step() -> float:
-        # The training loop's step (minigpt4.train.loop.CaptionLoss), with the switches spelled out.
         with autocast:
-            image_embeds = model.project(inputs) if sw.cache else model.encode_images(inputs)
-            loss = model.lm_loss(model.embed(layout, image_embeds), layout.attention_mask, layout.labels,
-                                 length_buckets=sw.length_buckets, full_logits=not sw.target_logits)
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    return TrainSetup(step, tokens, int(layout.attention_mask.numel()), dtype_name, cache_build_times)
+
+
+def run_train(spec: Spec, model, scratch: Path) -> dict:
+    """Time training steps of the spec's layout; report throughput, loss, memory and FLOPs."""
+    from minigpt4.model.llm import DTYPES
+
+    setup = train_setup(spec, model, scratch)
+    step, tokens, device = setup.step, setup.tokens, torch.device(spec.device)
     setup_peak = reset_peak_memory(device)
     losses: list[float] = []
     flops = None
     for index in range(spec.warmup):
-        if index == 0 and not sw.compile:
+        if index == 0 and not spec.switches.compile:
             loss, flops = count_flops(step)
         else:
             loss = step()
         losses.append(loss)
+    # The matmul peak in this process, right before its timed steps (same threads, same moment's load).
+    peak = matmul_peak(DTYPES[setup.compute_dtype], spec.device)
     times = []
     for _ in range(spec.steps):
         loss, seconds = timed(device, step)
         losses.append(loss)
         times.append(seconds)
-    step_s = sum(times) / len(times)
+    step_s = statistics.median(times)
     return {
         "tokens_per_step": tokens,
-        "padded_positions": int(layout.attention_mask.numel()),
-        "step_s": step_s,
+        "padded_positions": setup.padded_positions,
+        "step_s": step_s,  # the median
+        "step_s_min": min(times),
+        "step_s_max": max(times),
         "step_times": times,
         "tokens_per_s": tokens / step_s,
+        "tokens_per_s_min": tokens / max(times),
+        "tokens_per_s_max": tokens / min(times),
         "samples_per_s": spec.batch / step_s,
         "loss": losses[0],  # the first step: same weights, same batch in every variant
         "losses": losses,
         "flops_per_step": flops,
         "flops_per_s": flops / step_s if flops else None,
-        "compute_dtype": "bfloat16" if sw.bf16 else "float32",
-        "cache_build_s": cache_build_s,
+        "flops_per_s_best": flops / min(times) if flops else None,
+        "compute_dtype": setup.compute_dtype,
+        "worker_peak_flops": peak,
+        "cache_build_s": statistics.median(setup.cache_build_times) if setup.cache_build_times else None,
+        "cache_build_times": setup.cache_build_times,
+        "cache_images": spec.batch if spec.switches.cache else None,
         "peak_memory_gib": peak_memory_gib(device),
         "peak_setup_gib": setup_peak,
     }
+
+
+def transformers_trainee(spec: Spec, model, layout, pixels: torch.Tensor, scratch: Path, dtype: torch.dtype):
+    """transformers' Blip2ForConditionalGeneration holding `model`'s weights (our export, written once per
+    workdir), frozen but for language_projection, and its loss on `layout` as one would train it:
+    `forward(pixel_values, input_ids, attention_mask, labels).loss`.
+
+    Our model's weights are released once exported (only the transformers model stays in memory).
+    Returns the loss function and the trainable parameters.
+    """
+    from transformers import Blip2ForConditionalGeneration
+
+    from minigpt4.export import export_transformers
+
+    folder = Path(spec.workdir or scratch) / f"transformers-{spec.dims}-{model.llm.config.hidden_size}-seed{spec.seed}"
+    if not (folder / "config.json").is_file():
+        export_transformers(model, folder, overwrite=True)
+    model.to("meta")  # free our copy of the weights
+    reset_peak_memory(torch.device(spec.device))
+    blip2 = Blip2ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, attn_implementation="sdpa" if spec.switches.sdpa else "eager").to(spec.device)
+    blip2.requires_grad_(False)
+    blip2.eval()  # frozen parts without dropout, as the original keeps them
+    blip2.language_projection.requires_grad_(True)
+    input_ids = layout.input_ids.masked_fill(layout.image_mask, blip2.config.image_token_index)
+
+    def loss_fn() -> torch.Tensor:
+        return blip2(pixel_values=pixels, input_ids=input_ids, attention_mask=layout.attention_mask,
+                     labels=layout.labels).loss
+
+    return loss_fn, list(blip2.language_projection.parameters())
 
 
 # ------------------------------------------------------------------------------------ chat
@@ -381,7 +485,8 @@ def run_chat(spec: Spec, model, scratch: Path) -> dict:
     device = model.device
     size = model.config.vision.image_size
     image = eval_transform(size)(draw_scene(spec.seed, size=size)[0])
-    prompt = get_template("vicuna_v0", model.tokenizer).render([Message("user", "Describe this image in detail.", images=1)])
+    question = Message("user", "Describe this image in detail.", images=1)
+    prompt = get_template("vicuna_v0", model.tokenizer).render([question])
     prompts, images = [prompt] * sw.gen_batch, [[image]] * sw.gen_batch
 
     def decode(prepared, tokens: int) -> torch.Tensor:
@@ -405,8 +510,8 @@ def run_chat(spec: Spec, model, scratch: Path) -> dict:
         ttfts, prefills, fulls = [], [], []
         for _ in range(spec.steps):
             prepared, ttft = timed(device, first_token)
-            _, prefill = timed(device, lambda: decode(prepared, 1))
-            _, full = timed(device, lambda: decode(prepared, spec.new_tokens))
+            _, prefill = timed(device, lambda prepared=prepared: decode(prepared, 1))
+            _, full = timed(device, lambda prepared=prepared: decode(prepared, spec.new_tokens))
             ttfts.append(ttft)
             prefills.append(prefill)
             fulls.append(full)
