@@ -37,7 +37,7 @@ def test_torchrun_two_processes_match_one_process(tiny_llm_dir, tiny_data, tmp_p
         proc = subprocess.run(torchrun, env=cli_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "process 0 of 2" in proc.stderr and "process 1 of 2" not in proc.stderr  # rank 1 logs warnings only
-    assert "FSDP: 2 LLM layers" in proc.stderr
+    assert "FSDP: 2 LLM layers, 4 tower blocks" in proc.stderr  # the tiny ViT's 2 blocks, the Q-Former's 2 layers
     # The same global batch as 4 x 2 micro-batches in one process (in this process: no start-up cost).
     train(train_config(config, overrides(tiny_llm_dir, accum_dir, data, *common, "data.batch_size=4",
                                          "train.grad_accum=2")))

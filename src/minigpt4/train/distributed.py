@@ -119,14 +119,17 @@ def wrap_fsdp(module: nn.Module, llm: nn.Module, ctx: DistContext) -> nn.Module:
     """FSDP2 for LLMs that do not fit one device: shard every frozen weight across the processes.
 
     Each decoder layer of `llm` (the classes its `_no_split_modules` names) is one FSDP unit,
-    gathered just before it runs and freed right after; everything else that is frozen (towers,
-    embeddings, final norm, head) goes into the root unit. Call this with `module` on the CPU:
+    gathered just before it runs and freed right after, and so is each block of the frozen towers
+    (transformers' `Blip2EncoderLayer` of the ViT, `Blip2QFormerLayer` of a frozen Q-Former), so the
+    1B-parameter ViT is never gathered whole; everything else that is frozen (patch embedding,
+    ln_vision, embeddings, final norm, head) goes into the root unit. Call this with `module` on the CPU:
     FSDP moves only each process's shard to `ctx.device`. The trainable parameters are left out of
     FSDP (replicated, moved here, synchronised by `all_reduce_gradients`), so the optimizer and the
     checkpoints see plain tensors, as with DDP.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from transformers.models.blip_2.modeling_blip_2 import Blip2EncoderLayer, Blip2QFormerLayer
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     layer_classes = set(getattr(llm, "_no_split_modules", None) or [])
@@ -135,13 +138,16 @@ def wrap_fsdp(module: nn.Module, llm: nn.Module, ctx: DistContext) -> nn.Module:
                          "train.strategy=fsdp cannot split it, use train.strategy=ddp")
     trainable = {p for p in module.parameters() if p.requires_grad}
     layers = [m for m in llm.modules() if type(m).__name__ in layer_classes]
-    for layer in layers:
+    # A trainable Q-Former stays replicated with the other trainable weights: only frozen blocks become units.
+    tower_blocks = [m for m in module.modules() if isinstance(m, (Blip2EncoderLayer, Blip2QFormerLayer))
+                    and not any(p.requires_grad for p in m.parameters())]
+    for layer in [*layers, *tower_blocks]:
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh, ignored_params=trainable)
     for param in trainable:
         param.data = param.data.to(ctx.device)
-    log.info("FSDP: %d LLM layers and the other frozen weights sharded over %d processes; %d trainable tensors "
-             "replicated", len(layers), ctx.world_size, len(trainable))
+    log.info("FSDP: %d LLM layers, %d tower blocks and the other frozen weights sharded over %d processes; "
+             "%d trainable tensors replicated", len(layers), len(tower_blocks), ctx.world_size, len(trainable))
     return module
 
 
