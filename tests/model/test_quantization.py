@@ -144,6 +144,15 @@ def test_export_of_a_quantized_llm_is_refused_before_loading(tiny_int8, tiny_llm
     assert not out.exists()
 
 
+def test_a_transformers_export_does_not_load_quantized(tiny_model, tmp_path):
+    from minigpt4.export import export_transformers
+
+    export_transformers(tiny_model, tmp_path / "hf")
+    with pytest.raises(ConfigError, match=r"^model.llm.quantization='int8': .* is a transformers export, which loads "
+                                          r"in full precision; use the save_pretrained folder, or quantization=none$"):
+        MiniGPT4.from_pretrained(tmp_path / "hf", llm_placement=LLMConfig(quantization="int8"))
+
+
 def test_nan_in_a_quantized_weight_is_still_found(tiny_llm_dir, tmp_path):
     import shutil
 
