@@ -36,7 +36,7 @@ def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
     texts = {name: f"Describe picture {name} please." for name in "abc"}
     alone = {name: serve_engine.generate([prompt(serve_engine, t)], [[]], GREEDY)[0] for name, t in texts.items()}
 
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     jobs = [
         Job(prompt(serve_engine, texts["a"]), [], GREEDY, collector.callback("a")),
@@ -60,14 +60,16 @@ def test_batches_route_answers_and_isolate_a_failing_job(serve_engine):
             for completion in completions:
                 assert completion.text == alone[name].text
                 assert completion.prompt_tokens == alone[name].prompt_tokens
-        # One failed batch of 5 rows, then each job alone (rows counted once per job).
+        # One failed batch of 5 rows, then each job alone (rows counted once per job). Jobs are answered
+        # as their rows end, so wait for the worker to finish the batch before counting.
+        scheduler.close()
         assert scheduler.stats()["batches"] == 1
     finally:
         scheduler.close()
 
 
 def test_incompatible_settings_are_not_batched(serve_engine):
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     other = GenerationSettings(max_new_tokens=6, do_sample=False, repetition_penalty=1.3)  # decodes differently
     jobs = [Job(prompt(serve_engine, "one"), [], GREEDY, collector.callback("1")),
@@ -80,6 +82,7 @@ def test_incompatible_settings_are_not_batched(serve_engine):
     try:
         assert collector.done.wait(60)
         assert all(error is None for _, error in collector.results.values())
+        scheduler.close()  # waits for the batch: its jobs were answered as their rows ended
         assert scheduler.stats()["batches"] == 2  # {one, three} together, {two} apart
     finally:
         scheduler.close()
@@ -102,21 +105,30 @@ def test_jobs_differing_in_max_tokens_and_stop_share_one_model_call(serve_engine
     assert alone["stop"].text == free.text[: free.text.index(stop_at)].strip()
     assert alone["s"].completion_tokens == 4
 
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     collector.expected = 4
     calls = []
     hook = serve_engine.model.llm.register_forward_hook(lambda *args: calls.append(1))
     pieces: list[str] = []
+    answered_at: dict[str, int] = {}  # forward passes run when each job got its answer
+
+    def on_done(name: str):
+        callback = collector.callback(name)
+        return lambda result, error: (answered_at.setdefault(name, len(calls)), callback(result, error))
+
     for name in ("short", "long", "stop"):
-        scheduler.submit(Job(prompts[name], [], settings[name], collector.callback(name)))
-    scheduler.submit(Job(prompts["s"], [], settings["s"], collector.callback("s"), on_delta=pieces.append))
+        scheduler.submit(Job(prompts[name], [], settings[name], on_done(name)))
+    scheduler.submit(Job(prompts["s"], [], settings["s"], on_done("s"), on_delta=pieces.append))
     scheduler.start()
     try:
         assert collector.done.wait(60)
+        # Each job is answered at the step its row ends, not when the batch's longest row does.
+        assert answered_at == {"short": 2, "s": 4, "stop": alone["stop"].completion_tokens, "long": 11}
         for name in ("short", "long", "stop"):
             assert collector.results[name] == ([alone[name]], None)
         assert collector.results["s"] == (alone["s"], None) and "".join(pieces) == alone["s"].text
+        scheduler.close()  # waits for the batch: its jobs were answered as their rows ended
         assert scheduler.stats()["batches"] == 1 and scheduler.stats()["rows"] == 4
         assert len(calls) == 11  # one generate, as long as its longest row
     finally:
@@ -135,7 +147,7 @@ def test_streams_are_batched_with_each_other_and_plain_jobs(serve_engine, photo)
     alone = [serve_engine.generate([p], [im], settings)[0] for p, im in zip(prompts, images, strict=True)]
     assert len({c.text for c in alone}) > 1  # a mix-up would show
 
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=16, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.stream_batch, max_batch_size=16, max_wait_s=0.0)
     collector = Collector()
     collector.expected = len(prompts)
     pieces: dict[str, list[str]] = {str(i): [] for i in range(8)}
@@ -151,13 +163,14 @@ def test_streams_are_batched_with_each_other_and_plain_jobs(serve_engine, photo)
             assert error is None and completion == alone[i]
             assert "".join(pieces[str(i)]) == alone[i].text
         assert collector.results["plain"] == ([alone[8]], None)
+        scheduler.close()  # waits for the batch: its jobs were answered as their rows ended
         assert scheduler.stats()["batches"] == 1 and scheduler.stats()["rows"] == 9
     finally:
         scheduler.close()
 
 
 def test_a_failing_job_in_a_streamed_batch_fails_alone(serve_engine):
-    scheduler = BatchScheduler(serve_engine.generate, serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
+    scheduler = BatchScheduler(serve_engine.stream_batch, max_batch_size=8, max_wait_s=0.0)
     collector = Collector()
     collector.expected = 2
     good: list[str] = []

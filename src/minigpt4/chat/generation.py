@@ -580,12 +580,16 @@ class _RowText:
 
 
 class _RowsStreamer(BaseStreamer):
-    """Gets the (B,) ids of every decoding step from `generate` and hands each live row's new text on."""
+    """Gets the (B,) ids of every decoding step from `generate`, hands each live row's new text on, and
+    finishes a row (its held-back rest, then its Completion) at the step it ends, while the others go on."""
 
     def __init__(
-        self, rows: list[_RowText], on_delta: Callable[[int, str], None], cancelled: Sequence[threading.Event]
+        self, rows: list[_RowText], prompt_tokens: list[int], on_delta: Callable[[int, str], None],
+        on_row_done: Callable[[int, Completion], None] | None, cancelled: Sequence[threading.Event],
     ):
-        self.rows, self.on_delta, self.cancelled = rows, on_delta, cancelled
+        self.rows, self.prompt_tokens, self.cancelled = rows, prompt_tokens, cancelled
+        self.on_delta, self.on_row_done = on_delta, on_row_done
+        self.completions: list[Completion | None] = [None] * len(rows)
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -599,9 +603,19 @@ class _RowsStreamer(BaseStreamer):
             delta = row.add(token_id)
             if delta:
                 self.on_delta(index, delta)
+            if row.done:
+                self.finish_row(index)
+
+    def finish_row(self, index: int) -> None:
+        rest, completion = self.rows[index].close(self.prompt_tokens[index])
+        if rest:
+            self.on_delta(index, rest)
+        self.completions[index] = completion
+        if self.on_row_done is not None:
+            self.on_row_done(index, completion)
 
     def end(self) -> None:
-        pass  # the held-back rest of each row is handed out by `stream_batch_from_embeds` itself
+        pass  # rows still open are finished by `stream_batch_from_embeds` itself
 
 
 def stream_batch_from_embeds(
@@ -614,6 +628,7 @@ def stream_batch_from_embeds(
     cancelled: Sequence[threading.Event] | None = None,
     template_stops: Sequence[str] = (),
     add_bos: bool = True,
+    on_row_done: Callable[[int, Completion], None] | None = None,
 ) -> list[Completion | None]:
     """`stream_batch` for images already encoded with `encode_images`."""
     settings_rows = _row_settings(settings, len(prompts))
@@ -627,23 +642,20 @@ def stream_batch_from_embeds(
         for row, completion in enumerate(completions):
             if completion is not None and completion.text:
                 on_delta(row, completion.text)
+            if completion is not None and on_row_done is not None:
+                on_row_done(row, completion)
         return completions
     with torch.inference_mode():
         prepared = prepare_inputs(model, prompts, image_embeds, add_bos)
     limits = _row_limits(model, settings_rows, prepared.prompt_tokens, template_stops)
     rows = [_RowText(model.tokenizer, row_limits) for row_limits in limits]
     criteria = StopCriteria(model.tokenizer, limits, cancelled)
-    _run_generate(model, prepared, settings_rows[0], criteria, _RowsStreamer(rows, on_delta, cancelled))
-    completions: list[Completion | None] = []
-    for index, (row, prompt_tokens) in enumerate(zip(rows, prepared.prompt_tokens, strict=True)):
-        if cancelled[index].is_set():
-            completions.append(None)
-            continue
-        rest, completion = row.close(prompt_tokens)
-        if rest:
-            on_delta(index, rest)
-        completions.append(completion)
-    return completions
+    streamer = _RowsStreamer(rows, prepared.prompt_tokens, on_delta, on_row_done, cancelled)
+    _run_generate(model, prepared, settings_rows[0], criteria, streamer)
+    for index in range(len(rows)):  # rows that ran to the end of the call (max_time, or the last to end)
+        if streamer.completions[index] is None and not cancelled[index].is_set():
+            streamer.finish_row(index)
+    return streamer.completions
 
 
 def stream_batch(
@@ -656,18 +668,20 @@ def stream_batch(
     cancelled: Sequence[threading.Event] | None = None,
     template_stops: Sequence[str] = (),
     add_bos: bool = True,
+    on_row_done: Callable[[int, Completion], None] | None = None,
 ) -> list[Completion | None]:
     """Answer a batch of prompts as `generate` does (per-row settings too), handing out each row's text as it
     is generated.
 
     Runs in the calling thread: `on_delta(row, text)` is called from it after each decoding step
-    for every row that settled new text, and once more at the end with any held-back rest, so each
+    for every row that settled new text, and once more when the row ends with any held-back rest, so each
     row's pieces join to exactly the text `generate` returns for it. Setting `cancelled[row]` (a
     client went away) ends that row at the next step and silences it; generation stops once every
-    row has ended. With `num_beams > 1` each answer comes as one piece at the end.
+    row has ended. `on_row_done(row, completion)` is called for every row at the step it ends (after its
+    last text), while the other rows go on. With `num_beams > 1` each answer comes as one piece at the end.
 
     Returns:
-        Per row its Completion, or None for a row whose `cancelled` event was set.
+        Per row its Completion, or None for a row whose `cancelled` event was set before it ended.
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but image lists for {len(images)}")
@@ -675,7 +689,7 @@ def stream_batch(
         image_embeds = encode_images(model, images)
     return stream_batch_from_embeds(
         model, prompts, image_embeds, settings or GenerationSettings(), on_delta,
-        cancelled=cancelled, template_stops=template_stops, add_bos=add_bos,
+        cancelled=cancelled, template_stops=template_stops, add_bos=add_bos, on_row_done=on_row_done,
     )
 
 

@@ -96,7 +96,6 @@ class ChatService:
         self.remote = RemoteImages(config)
         self.bodies = BodyReader(config)
         self.scheduler = BatchScheduler(
-            engine.generate,
             engine.stream_batch,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.batch_wait_ms / 1000.0,

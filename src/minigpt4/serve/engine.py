@@ -114,6 +114,8 @@ class ModelEngine:
     def stream_batch(
         self, prompts: list[str], images: list[list[torch.Tensor]], settings: Settings,
         on_delta: Callable[[int, str], None], cancelled: list[threading.Event],
+        on_row_done: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion | None]:
         return generation.stream_batch(self.model, prompts, images, settings, on_delta, cancelled=cancelled,
-                                       template_stops=self.template.stop, add_bos=self.template.add_bos)
+                                       template_stops=self.template.stop, add_bos=self.template.add_bos,
+                                       on_row_done=on_row_done)

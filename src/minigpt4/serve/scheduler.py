@@ -5,12 +5,13 @@ request becomes a `Job` in a bounded queue. The worker takes the oldest job, wai
 `max_wait_s` (counted from that job's arrival) for compatible jobs — the same generation
 settings, since one `generate` call shares them, except `max_new_tokens` and stop strings, which
 each row has its own of — and runs up to `max_batch_size` rows at once.
-Streamed jobs are batched the same way (with each other and with plain jobs): a batch holding a
-stream runs through the batched streamer, which hands every row its text as it is generated. A full
+Streamed jobs are batched the same way (with each other and with plain jobs): every batch runs through
+the batched streamer, which hands every row its text as it is generated and each job its answer at the
+step its last row ends, so a short answer does not wait for the batch's longest one. A full
 queue refuses new jobs (`QueueFull`), which the API answers 429 with Retry-After. A cancelled job
 (client gone) leaves the queue at once; in a running batch, streamed or not, its rows stop at the
 next token while the others go on. If a batch fails, its jobs are rerun one by one (those that have
-not streamed text yet), so one bad request cannot fail the others.
+not been answered or streamed text yet), so one bad request cannot fail the others.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from minigpt4.chat.generation import GenerationSettings
 
 log = logging.getLogger(__name__)
 
-# generate_fn(prompts, images, settings per row, cancelled events per row) -> per row a completion, or
-# None for a row whose event was set (`minigpt4.chat.generation.generate`).
-GenerateFn = Callable[[list[str], list[list[Any]], list[GenerationSettings], list[threading.Event]], list[Any]]
-# stream_fn(prompts, images, settings per row, on_delta(row, text), cancelled events per row) -> the same,
-# handing each row its text as it is generated (`minigpt4.chat.generation.stream_batch`).
+# stream_fn(prompts, images, settings per row, on_delta(row, text), cancelled events per row,
+# on_row_done(row, completion)) -> per row a completion, or None for a row whose event was set; hands each row
+# its text as it is generated and its completion at the step it ends (`minigpt4.chat.generation.stream_batch`).
 StreamFn = Callable[
-    [list[str], list[list[Any]], list[GenerationSettings], Callable[[int, str], None], list[threading.Event]],
+    [list[str], list[list[Any]], list[GenerationSettings], Callable[[int, str], None], list[threading.Event],
+     Callable[[int, Any], None]],
     list[Any],
 ]
 
@@ -54,7 +54,7 @@ class SchedulerClosed(Exception):
 class Job:
     """One request: `n` rows of the same prompt and images.
 
-    The worker reports through the callbacks, from its own thread: `on_done(result, error)` once
+    The worker reports through the callbacks, from its own thread: `on_done(result, error)` once (`settle`)
     (result: a list of n completions; for a stream its one completion; None with `SchedulerClosed`
     when the client left), and for streams `on_delta(text)` per piece of text.
     """
@@ -69,11 +69,19 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
+    settled: bool = field(default=False, init=False)
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        """Call `on_done` unless it was called already (a job answered early stays answered if its batch fails)."""
+        if not self.settled:
+            self.settled = True
+            self.on_done(result, error)
+
     @property
     def stream(self) -> bool:
         return self.on_delta is not None
 
-    def batchable_with(self, other: "Job") -> bool:
+    def batchable_with(self, other: Job) -> bool:
         return not (self.alone or other.alone) and self.settings.shared() == other.settings.shared()
 
 
@@ -82,13 +90,11 @@ class BatchScheduler:
 
     def __init__(
         self,
-        generate_fn: GenerateFn,
         stream_fn: StreamFn,
         max_batch_size: int = 8,
         max_wait_s: float = 0.01,
         max_queue: int = 64,
     ):
-        self._generate = generate_fn
         self._stream = stream_fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -116,7 +122,7 @@ class BatchScheduler:
             self._queue.clear()
             self._cond.notify_all()
         for job in pending:
-            job.on_done(None, SchedulerClosed("the server is shutting down"))
+            job.settle(None, SchedulerClosed("the server is shutting down"))
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -152,7 +158,7 @@ class BatchScheduler:
             except ValueError:
                 return  # already running or done
             self.cancelled += 1
-        job.on_done(None, SchedulerClosed("cancelled"))
+        job.settle(None, SchedulerClosed("cancelled"))
 
     # ---------------------------------------------------------------- worker side
 
@@ -190,7 +196,7 @@ class BatchScheduler:
             except Exception as err:  # the worker must outlive any request
                 log.exception("batch of %d jobs failed", len(batch))
                 for job in batch:
-                    job.on_done(None, err)
+                    job.settle(None, err)
             finally:
                 elapsed = time.monotonic() - start
                 with self._cond:
@@ -200,24 +206,32 @@ class BatchScheduler:
                     self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
 
     def _generate_rows(self, jobs: list[Job], streamed: set[Job]) -> list[Any]:
-        """One model call for `jobs`; jobs that were handed text are added to `streamed`."""
+        """One model call for `jobs`; each job is settled as soon as its last row ends, and jobs that were
+        handed text are added to `streamed`."""
         owners = [job for job in jobs for _ in range(job.n)]  # the job of each row
-        prompts = [job.prompt for job in owners]
-        images = [job.images for job in owners]
-        settings = [job.settings for job in owners]
-        cancelled = [job.cancelled for job in owners]
-        if not any(job.stream for job in jobs):
-            completions = self._generate(prompts, images, settings, cancelled)
-        else:
-            def on_delta(row: int, text: str) -> None:
-                job = owners[row]
-                if job.on_delta is not None:  # plain jobs in a streamed batch get their answer at the end
-                    streamed.add(job)
-                    job.on_delta(text)
+        first_row = {}
+        for row, job in enumerate(owners):
+            first_row.setdefault(job, row)
+        answers: dict[Job, list[Any]] = {job: [] for job in jobs}
 
-            completions = self._stream(prompts, images, settings, on_delta, cancelled)
-        if len(completions) != len(prompts):
-            raise RuntimeError(f"generate returned {len(completions)} completions for {len(prompts)} prompts")
+        def on_delta(row: int, text: str) -> None:
+            job = owners[row]
+            if job.on_delta is not None:  # plain jobs get their answer when their rows end
+                streamed.add(job)
+                job.on_delta(text)
+
+        def on_row_done(row: int, completion: Any) -> None:
+            job = owners[row]
+            answers[job].append((row - first_row[job], completion))
+            if len(answers[job]) == job.n and not job.cancelled.is_set():
+                rows = [completion for _, completion in sorted(answers[job], key=lambda pair: pair[0])]
+                job.settle(rows[0] if job.stream else rows, None)
+
+        completions = self._stream([job.prompt for job in owners], [job.images for job in owners],
+                                   [job.settings for job in owners], on_delta, [job.cancelled for job in owners],
+                                   on_row_done)
+        if len(completions) != len(owners):
+            raise RuntimeError(f"generate returned {len(completions)} completions for {len(owners)} prompts")
         return completions
 
     def _run_batch(self, batch: list[Job]) -> None:
@@ -229,24 +243,29 @@ class BatchScheduler:
                 raise
             log.exception("a batch of %d jobs failed; running them one by one", len(batch))
             for job in batch:
+                if job.settled:  # answered before the failure
+                    continue
                 if job in streamed:  # its client already has part of an answer: a rerun would repeat it
-                    job.on_done(None, err)
+                    job.settle(None, err)
                     continue
                 try:
                     self._deliver([job], self._generate_rows([job], streamed))
                 except Exception as job_err:
-                    job.on_done(None, job_err)
+                    job.settle(None, job_err)
             return
         self._deliver(batch, completions)
 
     def _deliver(self, batch: list[Job], completions: list[Any]) -> None:
+        """Settle the jobs not answered during the call: cut short (client gone), or never ended early."""
         start = 0
         for job in batch:
             rows = completions[start:start + job.n]
             start += job.n
+            if job.settled:
+                continue
             if any(row is None for row in rows):  # cut short: the client left mid-answer
                 with self._cond:
                     self.cancelled += 1
-                job.on_done(None, SchedulerClosed("cancelled"))
+                job.settle(None, SchedulerClosed("cancelled"))
             else:
-                job.on_done(rows[0] if job.stream else rows, None)
+                job.settle(rows[0] if job.stream else rows, None)
