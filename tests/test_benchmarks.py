@@ -173,3 +173,31 @@ def test_quickstart_seeds_table_reports_min_median_max_over_seeds(tmp_path, caps
     assert "| 10.0 |" in rows["**min**"] and "| 50% |" in rows["**min**"]
     assert "| 11.0 |" in rows["**median**"] and "| 70% |" in rows["**median**"]
     assert "| 15.0 |" in rows["**max**"] and "| 90% |" in rows["**max**"]
+
+
+def test_cache_recipe_multiplies_measured_costs_out_to_the_stage2_recipe(tmp_path, capsys):
+    """1000 steps of 12 from batch-2 step times, the cache build per image and view, and the break-even passes."""
+    from benchmarks import cache_recipe
+
+    def row(variant: str, times: list[float], **extra) -> dict:
+        return {"variant": variant, "step_times": times, "spec": {"batch": 2}, **extra}
+
+    report = {"machine": "test", "parts": {"stage2": [
+        row("original", [1.0, 2.0, 3.0]), row("ours", [1.0, 1.0, 1.0]),
+        row("ours+cache", [0.5, 0.5, 0.5], cache_build_times=[2.0, 2.0, 3.0], cache_images=2),
+    ]}}
+    (tmp_path / "train.json").write_text(json.dumps(report))
+    output = tmp_path / "computed.json"
+    assert cache_recipe.main(["computed", "--train-json", str(tmp_path / "train.json"), "--views", "4",
+                              "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    variants = result["variants"]
+    assert variants["original"]["total_s"][1] == pytest.approx(1000 * 2.0 * 6)  # median step, batch 2 -> 12
+    one_view = variants["ours+cache, 1 view (data.augment=false)"]
+    assert one_view["build_s"][1] == pytest.approx(3500 * 1.0)  # 2 s for 2 images: 1 s per image
+    assert one_view["total_s"][1] == pytest.approx(3500 + 1000 * 0.5 * 6)
+    assert one_view["speedup"] == pytest.approx(12000 / 6500)
+    assert variants["ours+cache, 4 views (data.augment=true, as the recipe)"]["build_s"][1] == pytest.approx(14000)
+    # saves (1.0 - 0.5) / 2 s per image per pass; costs 1 s per image and view
+    assert result["breakeven_passes"] == {"1": pytest.approx(4.0), "4": pytest.approx(16.0)}
+    assert "COMPUTED" in capsys.readouterr().out
