@@ -399,7 +399,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-PRESETS = ("minigpt4-13b", "minigpt4-7b", "minigpt4-llama2-7b", "tiny", "embedded")
+PRESETS = ("minigpt4-13b", "minigpt4-7b", "minigpt4-llama2-7b", "tiny", "embedded", "embedded-vit")
 
 
 def model_preset(name: str) -> ModelConfig:
@@ -421,13 +421,22 @@ def model_preset(name: str) -> ModelConfig:
                 num_query_tokens=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
             ),
         )
-    if name == "embedded":
+    if name in ("embedded", "embedded-vit"):
         # A real but tiny stand-in that trains on a CPU in minutes: frozen EfficientNet-Lite0
         # (ImageNet) + a small trainable Q-Former + the projection + frozen SmolLM2-135M-Instruct.
-        from minigpt4.embedded import default_smollm2_dir
+        from minigpt4.embedded import default_distilled_vit_path, default_smollm2_dir
 
+        vision, weights = VisionConfig(arch="efficientnet_lite0", image_size=224), WeightsConfig()
+        if name == "embedded-vit":
+            # The same with an EVA-style ViT tower (so it exports to transformers' BLIP-2 class): patch 32 at 224 px
+            # gives a CLS token + EfficientNet's 7x7 tokens, distilled from EfficientNet-Lite0 (minigpt4.distil).
+            # Its blocks use ln_vision's eps, so the export's post_layernorm (one eps for both) is exact.
+            vision = VisionConfig(image_size=224, patch_size=32, width=256, depth=4, num_heads=4, mlp_dim=1024,
+                                  layer_norm_eps=1e-5)
+            weights = WeightsConfig(vit=str(default_distilled_vit_path()))
         return ModelConfig(
-            vision=VisionConfig(arch="efficientnet_lite0", image_size=224),
+            vision=vision,
+            weights=weights,
             qformer=QFormerConfig(
                 num_query_tokens=8,
                 hidden_size=256,

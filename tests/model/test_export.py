@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,13 +147,11 @@ def test_export_command_writes_a_loadable_folder_from_a_checkpoint(tiny_model, t
 
 
 @pytest.fixture
-def tied_tiny_model(tiny_llm_dir, tmp_path):
-    """The tiny model over an LLM whose head shares the input embeddings (as SmolLM2's does)."""
+def tied_llm_dir(tiny_llm_dir, tmp_path):
+    """The tiny LLM with its head sharing the input embeddings (as SmolLM2's does)."""
     import shutil
 
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from minigpt4.model.build import build_model
 
     llm_dir = tmp_path / "tied_llm"
     shutil.copytree(tiny_llm_dir, llm_dir)
@@ -157,8 +159,16 @@ def tied_tiny_model(tiny_llm_dir, tmp_path):
     llm_config.tie_word_embeddings = True
     torch.manual_seed(1)
     AutoModelForCausalLM.from_config(llm_config).save_pretrained(llm_dir)
+    return llm_dir
+
+
+@pytest.fixture
+def tied_tiny_model(tied_llm_dir):
+    """The tiny model over the tied LLM."""
+    from minigpt4.model.build import build_model
+
     cfg = model_preset("tiny")
-    cfg.llm.path = str(llm_dir)
+    cfg.llm.path = str(tied_llm_dir)
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -179,3 +189,61 @@ def test_tied_embeddings_export_strictly_and_answer_alike(tied_tiny_model, tmp_p
     assert back.llm.get_output_embeddings().weight.data_ptr() == back.llm.get_input_embeddings().weight.data_ptr()
     for key, tensor in model.llm.state_dict().items():
         assert torch.equal(back.llm.state_dict()[key], tensor), key
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformers_only.py"
+# Runs the example with every import of minigpt4 failing, so a script that reached for it could not pass.
+NO_MINIGPT4 = """
+import runpy, sys
+
+class NoMiniGPT4:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "minigpt4":
+            raise ImportError("the transformers-only example imported " + name)
+
+sys.meta_path.insert(0, NoMiniGPT4())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture
+def quickstart_vit_folder(tiny_llm_dir, tmp_path):
+    """A tiny model of the quickstart's ViT form (preset embedded-vit at test dims: patch 32 at 224 px, the blocks at
+    ln_vision's eps, a trainable Q-Former cross-attending in every layer), saved as the quickstart saves
+    its model: the stage-2 template, greedy decoding."""
+    from minigpt4.chat.generation import GenerationSettings
+    from minigpt4.model.build import build_model
+
+    cfg = model_preset("embedded-vit")
+    cfg.vision = replace(cfg.vision, width=32, depth=2, num_heads=2, mlp_dim=64)
+    cfg.qformer = replace(cfg.qformer, hidden_size=32, num_heads=4, intermediate_size=64)
+    cfg.weights.vit, cfg.llm.path = "", str(tiny_llm_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.chat_defaults = model.chat_defaults.replace(
+        template="vicuna_v0_train", system="", generation=GenerationSettings(do_sample=False, max_new_tokens=24))
+    model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_quickstart_vit_model_exports_and_the_transformers_only_example_answers_as_chat(
+        quickstart_vit_folder, tmp_path, photo, capsys):
+    image = tmp_path / "photo.jpg"
+    photo.save(image)
+    out = tmp_path / "hf"
+    assert main(["export", "--format", "transformers", str(out), "--checkpoint", str(quickstart_vit_folder)]) == 0
+    # The blocks and ln_vision share one eps here, so transformers' post_layernorm is ln_vision exactly.
+    diff = float(re.search(r"image embeddings within (\S+) of", capsys.readouterr().err).group(1))
+    assert diff < 1e-6
+    hf, info = Blip2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    assert hf.config.vision_config.patch_size == 32 and hf.config.qformer_config.cross_attention_frequency == 1
+
+    assert main(["chat", "--checkpoint", str(quickstart_vit_folder), "--image", str(image), "--no-stream",
+                 QUESTION]) == 0
+    chat_answer = capsys.readouterr().out
+    example = subprocess.run([sys.executable, "-c", NO_MINIGPT4, str(EXAMPLE), str(out), str(image), QUESTION],
+                             capture_output=True, text=True, timeout=300)
+    assert example.returncode == 0, example.stderr[-3000:]
+    assert example.stdout == chat_answer and chat_answer.strip()

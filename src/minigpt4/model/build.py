@@ -44,10 +44,13 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
         )
         model.dtype_reason = reason
         return model
-    if cfg.weights.vit or cfg.weights.blip2:
+    # A ViT file alone, for a Q-Former trained from scratch (the embedded-vit preset's distilled tower).
+    vit_alone = cfg.vision.arch == "eva_vit_g" and bool(cfg.weights.vit) and qformer and cfg.qformer.trainable
+    if (cfg.weights.vit or cfg.weights.blip2) and not (vit_alone and not cfg.weights.blip2):
         raise ConfigError(
             "model.weights.vit and model.weights.blip2 go together (eva_vit_g.pth and "
-            "blip2_pretrained_flant5xxl.pth); set both, or neither for random towers"
+            "blip2_pretrained_flant5xxl.pth); set both, neither for random towers, or weights.vit alone with "
+            "model.qformer.trainable=true (a Q-Former trained from scratch)"
         )
     llm, tokenizer = load_llm(cfg.llm, dtype, cfg.device)
     model = MiniGPT4(cfg, llm, tokenizer)
@@ -55,6 +58,8 @@ def build_model(cfg: ModelConfig) -> MiniGPT4:
         from minigpt4.model.efficientnet import load_efficientnet_lite0_weights
 
         load_efficientnet_lite0_weights(model.vision)
+    elif vit_alone:
+        convert.load_eva_vit(model, cfg.weights.vit)
     else:
         log.warning("model.weights.vit/blip2 are not set: the vision tower and Q-Former are RANDOM")
     if cfg.weights.projection:
@@ -91,7 +96,7 @@ def random_parts(cfg: ModelConfig, llm_path: str) -> list[str]:
     if cfg.vision.arch == "eva_vit_g" and cfg.connector == "merge4":
         parts += [] if cfg.weights.vit else ["vision tower"]
     elif cfg.vision.arch == "eva_vit_g" and not (cfg.weights.vit and cfg.weights.blip2):
-        parts += ["vision tower", "Q-Former"]
+        parts += ["Q-Former"] if cfg.weights.vit else ["vision tower", "Q-Former"]
     elif cfg.vision.arch == "efficientnet_lite0":
         parts.append("Q-Former")  # no pretrained Q-Former exists for this tower; training makes one
     if not cfg.weights.projection:
