@@ -7,9 +7,16 @@ import json
 import pytest
 import torch
 
-from minigpt4.config import ConfigError, VisionConfig, model_preset
+from minigpt4.config import ConfigError, ModelConfig, VisionConfig, model_preset
 from minigpt4.data.synthetic import SPLIT_SEED_OFFSETS
-from minigpt4.distil import DISTIL_FIRST_SEED, DistilPlan, build_teacher, prepare_distilled_vit, read_record
+from minigpt4.distil import (
+    DISTIL_FIRST_SEED,
+    DistilPlan,
+    build_teacher,
+    eva_layout,
+    prepare_distilled_vit,
+    read_record,
+)
 from minigpt4.model.build import build_model, random_parts
 from minigpt4.model.vision import build_vision_tower
 
@@ -48,12 +55,13 @@ def test_the_distilled_file_loads_as_weights_vit_for_a_qformer_trained_from_scra
     stored = load_file(str(distilled.path))
     # eva_vit_g.pth's layout: the keys of the released file (cls_token, pos_embed, patch_embed.*, blocks.N.*)
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.q_bias"} <= stored.keys()
-    tower = build_vision_tower(STUDENT)
-    tower.load_state_dict(stored, strict=True)
-    pixels = torch.randn(2, 3, 224, 224)
+    # and back: the same tensors the reader of the released file assigned
+    assert {f"vision.{k}": v for k, v in eva_layout(model.vision.state_dict()).items()}.keys() == {
+        f"vision.{k}" for k in stored}
+    for key, tensor in eva_layout(model.vision.state_dict()).items():
+        assert torch.equal(tensor, stored[key]), key
     with torch.no_grad():
-        torch.testing.assert_close(model.vision(pixels), tower(pixels), rtol=0, atol=0)
-        assert model.frozen_features(pixels).shape == (2, 50, 32)  # CLS + 7x7 patches, ln_vision applied
+        assert model.frozen_features(torch.randn(2, 3, 224, 224)).shape == (2, 50, 32)  # CLS + 7x7 patches
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert all(p.requires_grad for p in model.qformer.parameters())
     assert random_parts(cfg, cfg.llm.path) == ["LLM", "Q-Former", "projection"]
@@ -97,3 +105,15 @@ def test_distillation_images_are_none_a_quickstart_trains_or_scores_on():
         assert not offset <= DISTIL_FIRST_SEED < offset + 1_000_000, name
         assert offset + 1_000_000 <= DISTIL_FIRST_SEED or offset >= DISTIL_FIRST_SEED + 1_000_000, name
     assert DISTIL_FIRST_SEED + 1_000_000 <= 10_000_000  # below run seed 1's first split
+
+
+def test_eva_layout_refuses_a_key_bias_and_unknown_names():
+    state = build_vision_tower(ModelConfig(vision=STUDENT)).state_dict()
+    assert {k for k in eva_layout(state) if k.startswith("blocks.0.attn")} == {
+        "blocks.0.attn.qkv.weight", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.attn.proj.weight",
+        "blocks.0.attn.proj.bias"}
+    state["encoder.layers.0.self_attn.qkv.bias"][40] = 1.0  # in the key third (width 32)
+    with pytest.raises(ValueError, match="nonzero key bias"):
+        eva_layout(state)
+    with pytest.raises(ValueError, match="post_layernorm.weight has no eva_vit_g.pth name"):
+        eva_layout({"post_layernorm.weight": torch.ones(32)})

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt4.config import VisionConfig
+from minigpt4.config import ModelConfig, VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,20 @@ DISTIL_VERSION = "1"  # bump when the recipe changes, so cached towers are made 
 # last split and below run seed 1's first, holds no image any quickstart trains or is scored on.
 DISTIL_FIRST_SEED = 9_000_000
 HELD_OUT_IMAGES = 64  # drawn after the training images, for the fit the record reports
+
+# Our EVA-ViT (transformers' Blip2VisionModel) names -> eva_vit_g.pth's: the inverse of minigpt4.convert's table,
+# so the student is written in the released file's layout and loads through the same reader.
+_TO_EVA = [
+    (r"^embeddings\.class_embedding$", "cls_token"),
+    (r"^embeddings\.position_embedding$", "pos_embed"),
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+]
+_QKV_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,38 @@ class DistilImages:
         return torch.cat(pixels), torch.cat(targets)
 
 
+def eva_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tower's state dict under eva_vit_g.pth's names; each `qkv.bias` becomes EVA's q_bias and v_bias (its key
+    third must be zero: EVA has no key bias)."""
+    out = {}
+    for key, tensor in state.items():
+        if match := _QKV_BIAS.match(key):
+            q_bias, k_bias, v_bias = tensor.chunk(3)
+            if k_bias.any():
+                raise ValueError(f"{key} has a nonzero key bias, which eva_vit_g.pth cannot hold")
+            out[f"blocks.{match.group(1)}.attn.q_bias"] = q_bias
+            out[f"blocks.{match.group(1)}.attn.v_bias"] = v_bias
+            continue
+        for pattern, replacement in _TO_EVA:
+            renamed, hits = re.subn(pattern, replacement, key)
+            if hits:
+                out[renamed] = tensor
+                break
+        else:
+            raise ValueError(f"{key} has no eva_vit_g.pth name")
+    return out
+
+
+def _zero_key_biases(student: nn.Module) -> None:
+    """EVA has no key bias. It cannot change the attention (softmax ignores a shift shared by every key), so its
+    gradient is only rounding noise, which Adam would still turn into steps: keep it at zero."""
+    with torch.no_grad():
+        for layer in student.encoder.layers:
+            bias = layer.self_attn.qkv.bias
+            width = bias.shape[0] // 3
+            bias[width:2 * width].zero_()
+
+
 def teacher_targets(teacher: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 1 + 49, 1280): the normed mean token (for CLS), then the teacher's 49 tokens normed one by one."""
     with torch.no_grad():
@@ -184,7 +231,7 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
     data = DistilImages(plan, student_config.image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
-        student = build_vision_tower(student_config, "sdpa")
+        student = build_vision_tower(ModelConfig(vision=student_config))
         probe = teacher_targets(teacher, data.held_out(1))
         head = nn.Linear(student_config.width, probe.shape[-1])
         order = torch.randperm(len(data)).tolist()
@@ -209,6 +256,7 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        _zero_key_biases(student)
         losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
@@ -223,8 +271,7 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
                           time.perf_counter() - start)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    # Our EvaViT's parameter names are eva_vit_g.pth's keys, so this is the released file's layout.
-    save_file({k: v.detach().contiguous() for k, v in student.state_dict().items()}, str(partial),
+    save_file({k: v.detach().contiguous() for k, v in eva_layout(student.state_dict()).items()}, str(partial),
               metadata={"format": "pt"})
     record = {"version": DISTIL_VERSION, "student": asdict(student_config), "plan": asdict(plan),
               "first_loss": report.first_loss, "final_loss": report.final_loss,
