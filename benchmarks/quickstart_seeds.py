@@ -7,7 +7,8 @@
 Each seed draws its own training, validation and test images and its own training order. The plan's settings
 were chosen on the validation split; the README reports the test split. The machine's fp32 matmul peak is
 measured before each run (the quickstart trains in fp32), so a slow run on a busy machine shows as such.
-Writes OUTPUT/seeds.json and prints a markdown table.
+Writes OUTPUT/seeds.json and prints two markdown tables: the runs (time, losses, colour + shape score), and the
+`minigpt4 eval` metrics of the test split and of the unseen colour-shape pairs (median, min and max over seeds).
 """
 
 from __future__ import annotations
@@ -103,6 +104,30 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# (label, task, metric) rows of the `minigpt4 eval` table; the quickstart's summary.json holds
+# eval[split][task][metric]. Shares are shown as percentages, caption scores as they are.
+EVAL_ROWS: list[tuple[str, str, str]] = [
+    ("CIDEr", "caption", "CIDEr"), ("BLEU-4", "caption", "Bleu_4"), ("METEOR", "caption", "METEOR"),
+    ("ROUGE-L", "caption", "ROUGE_L"), ("VQA accuracy", "vqav2", "accuracy"),
+] + [(f"POPE {setting} {label}", f"pope_{setting}", metric) for setting in ("random", "popular", "adversarial")
+     for label, metric in (("accuracy", "accuracy"), ("F1", "f1"), ("yes-ratio", "yes_ratio"))]
+EVAL_SPLITS = (("test", "test (seen pairs)"), ("test_unseen", "unseen pairs"))
+
+
+def eval_table(runs: list[dict]) -> str:
+    """The `minigpt4 eval` metrics: one row per metric; per split the median over the seeds and its min-max."""
+    head = ["metric"] + [f"{label} {what}" for _, label in EVAL_SPLITS for what in ("median", "min-max")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, task, metric in EVAL_ROWS:
+        cells = [label]
+        for split, _ in EVAL_SPLITS:
+            values = [r["summary"]["eval"][split][task][metric] for r in runs]
+            show = (lambda v: f"{v:.3f}") if task == "caption" else (lambda v: f"{100 * v:.1f}%")
+            cells += [show(statistics.median(values)), f"{show(min(values))}-{show(max(values))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_seed(seed: int, out: Path, threads: int, fast: bool, peak: float, log: Path | None) -> dict:
     """Run the quickstart for one seed in its own process (console to `log` if given); its summary.json."""
     command = [sys.executable, "-m", "minigpt4.cli", "quickstart", "--seed", str(seed), "--output", str(out),
@@ -155,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['threads']} thread(s) each; machine: {report['machine']}; started {report['started']}; "
           f"fp32 matmul peak after the runs: {report['fp32_peak_after'] / 1e9:.0f} GFLOP/s")
     print(table(report["runs"]))
+    if all("eval" in run["summary"] for run in report["runs"]):
+        print(f"\n`minigpt4 eval` of the quickstart model (greedy, the tasks' default prompts), {len(report['runs'])} "
+              "seed(s): the test split (colour-shape pairs seen in training) and the unseen pairs")
+        print(eval_table(report["runs"]))
     return 0
 
 

@@ -173,6 +173,7 @@ def test_quickstart_seeds_table_reports_min_median_max_over_seeds(tmp_path, caps
     assert "| 10.0 |" in rows["**min**"] and "| 50% |" in rows["**min**"]
     assert "| 11.0 |" in rows["**median**"] and "| 70% |" in rows["**median**"]
     assert "| 15.0 |" in rows["**max**"] and "| 90% |" in rows["**max**"]
+    assert "VQA accuracy" not in rows  # runs from before the quickstart reported through `minigpt4 eval`
 
 
 def test_cache_recipe_multiplies_measured_costs_out_to_the_stage2_recipe(tmp_path, capsys):
@@ -201,3 +202,28 @@ def test_cache_recipe_multiplies_measured_costs_out_to_the_stage2_recipe(tmp_pat
     # saves (1.0 - 0.5) / 2 s per image per pass; costs 1 s per image and view
     assert result["breakeven_passes"] == {"1": pytest.approx(4.0), "4": pytest.approx(16.0)}
     assert "COMPUTED" in capsys.readouterr().out
+
+
+def test_quickstart_seeds_eval_table_reports_median_and_range_per_split(tmp_path, capsys):
+    """The `minigpt4 eval` table: per metric, the median over the seeds and its min-max, seen and unseen pairs."""
+    from benchmarks import quickstart_seeds
+
+    def metrics(value: float) -> dict:
+        pope = {"accuracy": value, "precision": value, "recall": value, "f1": value, "yes_ratio": 0.5}
+        return {"caption": {"CIDEr": 2 * value, "Bleu_4": value, "METEOR": value, "ROUGE_L": value},
+                "vqav2": {"accuracy": value}, **{f"pope_{s}": pope for s in ("random", "popular", "adversarial")}}
+
+    score = {"images": 10, "colour_and_shape": 9, "colour": 9, "shape": 10, "accuracy": 0.9}
+    stage = {"final_loss": 0.5, "tokens_per_s": 100.0}
+    runs = [{"seed": seed, "fp32_peak": 1e11, "summary": {
+        "total_seconds": 600, "seconds": {"features": 1, "stage1": 2, "stage2": 3}, "stage1": stage, "stage2": stage,
+        "validation_stage1_captions": score, "validation": score, "test": score,
+        "eval": {"test": metrics(seen), "test_unseen": metrics(unseen)}}}
+        for seed, seen, unseen in ((0, 0.9, 0.5), (1, 0.7, 0.1), (2, 0.8, 0.3))]
+    (tmp_path / "seeds.json").write_text(json.dumps({"started": "now", "machine": "test", "threads": 2, "jobs": 1,
+                                                    "fast": False, "fp32_peak_after": 1e11, "runs": runs}))
+    assert quickstart_seeds.main(["--output", str(tmp_path), "--summarize-only"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("|")}
+    assert rows["VQA accuracy"].split("|")[2:6] == [" 80.0% ", " 70.0%-90.0% ", " 30.0% ", " 10.0%-50.0% "]
+    assert rows["CIDEr"].split("|")[2:4] == [" 1.600 ", " 1.400-1.800 "]
+    assert "POPE adversarial F1" in rows and "50.0%" in rows["POPE random yes-ratio"]

@@ -93,13 +93,12 @@ def test_synthetic_data_layouts(tmp_path):
         colour, shape = parse_description(caption)
         assert colour in synthetic.COLOURS and shape in synthetic.SHAPES
         assert Image.open(io.BytesIO(sample["jpg"])).size == (224, 224)
-    annotations = json.loads((data.stage2_root / "filter_cap.json").read_text())["annotations"]
-    assert len(annotations) == 5
-    assert all((data.stage2_root / "image" / f"{a['image_id']}.jpg").is_file() for a in annotations)
-    assert all(a["caption"].endswith("background.") for a in annotations)
-    validation = json.loads(data.validation.read_text())
-    test = json.loads(data.test.read_text())
-    assert [r["count"] for r in validation] == [1, 1, 1, 1] and [r["count"] for r in test] == [1, 1, 1]
+    records = json.loads(data.stage2.read_text())
+    assert len(records) == 5
+    assert all((data.stage2.parent / r["image"]).is_file() and r["conversations"] for r in records)
+    validation = json.loads(data.validation.scenes.read_text())
+    test = json.loads(data.test.scenes.read_text())
+    assert len(validation) == 4 and len(test) == 3
     # The evaluation splits are drawn from their own seeds: no test image repeats a validation one.
     assert not {r["seed"] for r in validation} & {r["seed"] for r in test}
     # Same seed, same image; the drawn colour really dominates the shape's pixels.

@@ -469,9 +469,11 @@ def model_config(preset: str = "minigpt4-13b", path: str | Path | None = None, o
 class DatasetSource:
     """One training dataset."""
 
-    kind: Literal["webdataset", "aligned"] = "webdataset"
+    kind: Literal["webdataset", "aligned", "conversations"] = "webdataset"
     # webdataset: a brace-expanded shard pattern, e.g. /data/laion/{00000..10488}.tar;
-    # aligned: a cc_sbu_align folder (filter_cap.json + image/{id}.jpg).
+    # aligned: a cc_sbu_align folder (filter_cap.json + image/{id}.jpg);
+    # conversations: a JSON file of image conversations in LLaVA's instruction layout (every answer is learned,
+    # each question wrapped in data.prompt_template; data.prompts is not used).
     path: str = ""
     ratio: float = bounded(1.0, gt=0)  # mixing weight among webdataset sources (the original mixes LAION:CC/SBU 115:14)
 

@@ -128,16 +128,16 @@ def test_a_dataset_with_no_usable_sample_is_an_error(tmp_path, tiny_model):
 def test_feature_cache_roundtrip_resume_and_staleness(tmp_path, tiny_model):
     data = synthetic.generate(tmp_path / "data", num_stage1=6, num_stage2=6, num_validation=1, num_test=1,
                               include_photos=False)
-    (data.stage2_root / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
+    (data.stage2.parent / "image" / "shape5.jpg").write_bytes(b"not a jpeg")  # skipped and counted
     transform = eval_transform(224)
     count, skipped = build_cache(
-        tiny_model, [("webdataset", data.stage1_shards), ("aligned", str(data.stage2_root))], tmp_path / "cache",
+        tiny_model, [("webdataset", data.stage1_shards), ("conversations", str(data.stage2))], tmp_path / "cache",
         transform, batch_size=4
     )
     assert count == 11 and [s.key for s in skipped] == ["shape5"]
     cache = FeatureCache(tmp_path / "cache", tiny_model, transform)
     sample = cache.datasets[1][0]
-    image = Image.open(data.stage2_root / "image" / f"{sample.key}.jpg")
+    image = Image.open(data.stage2.parent / "image" / f"{sample.key}.jpg")
     expected = tiny_model.frozen_features(transform(image).unsqueeze(0))
     assert torch.allclose(cache.features(sample, 0).float(), expected[0], atol=2e-2)
 

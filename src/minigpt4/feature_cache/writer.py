@@ -1,7 +1,7 @@
 """Writing a cache: one pass over each dataset through the training readers, frozen features in safetensors shards.
 
-The samples come from the same `ShardSource` / `AlignedSource` as training, so the same samples are kept and
-the same ones are skipped and counted (empty captions, undecodable images, truncated tars, ...).
+The samples come from the same `ShardSource` / `AlignedSource` / `ConversationSource` as training, so the same
+samples are kept and the same ones are skipped and counted (empty captions, undecodable images, truncated tars, ...).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from minigpt4.data import SkippedSample, summarize_skips
 from minigpt4.data.aligned import AlignedSource
+from minigpt4.data.conversations import ConversationSource
 from minigpt4.data.pipeline import Candidate, decode, stable_seed, transform_sample
 from minigpt4.data.webdataset import ShardSource
 from minigpt4.feature_cache.layout import FORMAT_VERSION, MANIFEST, fingerprint, shard_name
@@ -25,7 +26,7 @@ from minigpt4.processing.text import process_caption
 
 log = logging.getLogger(__name__)
 
-KINDS = ("webdataset", "aligned")
+KINDS = ("webdataset", "aligned", "conversations")
 
 
 def dataset_samples(kind: str, path: str, index: int, *, seed: int, process_captions: bool,
@@ -40,6 +41,8 @@ def dataset_samples(kind: str, path: str, index: int, *, seed: int, process_capt
                            max_image_bytes=max_image_bytes).one_pass()
     if kind == "aligned":  # stage 2 uses raw captions, as in training
         return AlignedSource(path, seed=seed, max_image_bytes=max_image_bytes).one_pass()
+    if kind == "conversations":
+        return ConversationSource(path, seed=seed, max_image_bytes=max_image_bytes).one_pass()
     raise ValueError(f"dataset kind {kind!r} cannot be cached; use one of {', '.join(KINDS)}")
 
 

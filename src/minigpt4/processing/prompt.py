@@ -71,7 +71,7 @@ def layout_sample(
     max_target_len: int | None = None,
     add_bos: bool = True,
 ) -> LaidOut:
-    """Lay out one sample.
+    """Lay out one sample: one prompt and its target (a conversation of one turn, see `layout_conversation`).
 
     Args:
         prompt: text with one `<ImageHere>` per image ("<ImageHere>" alone for stage 1).
@@ -81,31 +81,76 @@ def layout_sample(
         max_target_len: truncation of target + end_sym in tokens (so end_sym can be cut, as in the original).
         add_bos: prepend the tokenizer's BOS token when it has one.
     """
+    return layout_conversation(tokenizer, [(prompt, target)], num_image_tokens, end_sym, max_target_len, add_bos)
+
+
+def layout_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    turns: Sequence[tuple[str, str | None]],
+    num_image_tokens: int,
+    end_sym: str = "",
+    max_target_len: int | None = None,
+    add_bos: bool = True,
+) -> LaidOut:
+    """Lay out a conversation: per turn its prompt, then its answer + `end_sym` as a target.
+
+    Each prompt is split at its `<ImageHere>`s and each piece tokenized on its own; each answer + end_sym is
+    tokenized on its own and is the only text with labels, so a multi-turn sample learns every answer and
+    none of the prompts. A None answer (the turn being asked, in generation) must be the last turn.
+    `max_target_len` truncates each answer + end_sym, in tokens.
+    """
     pad = pad_token_id(tokenizer)
     input_ids: list[int] = []
     image_mask: list[bool] = []
+    labels: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
         input_ids.append(tokenizer.bos_token_id)
         image_mask.append(False)
-    segments = prompt.split(IMAGE_PLACEHOLDER)
-    for index, segment in enumerate(segments):
-        ids = _encode(tokenizer, segment)
-        input_ids += ids
-        image_mask += [False] * len(ids)
-        if index < len(segments) - 1:
-            input_ids += [pad] * num_image_tokens  # placeholders; the model overwrites these embeddings
-            image_mask += [True] * num_image_tokens
-    labels = [IGNORE_INDEX] * len(input_ids)
-    if target is not None:
-        target_ids = _encode(tokenizer, target + end_sym)
-        if max_target_len is not None:
-            target_ids = target_ids[:max_target_len]
-        input_ids += target_ids
-        image_mask += [False] * len(target_ids)
-        # Pad-id tokens of the target are not learned: with pad == eos (the Vicuna v0 releases) a genuine
-        # eos is not learned either; with a distinct pad (the Llama-2 release's "$$") it is.
-        labels += [IGNORE_INDEX if t == pad else t for t in target_ids]
+        labels.append(IGNORE_INDEX)
+    for number, (prompt, target) in enumerate(turns, 1):
+        if target is None and number < len(turns):
+            raise ValueError(f"turn {number} of {len(turns)} has no answer: only the last turn may be unanswered")
+        start = len(input_ids)
+        segments = prompt.split(IMAGE_PLACEHOLDER)
+        for index, segment in enumerate(segments):
+            ids = _encode(tokenizer, segment)
+            input_ids += ids
+            image_mask += [False] * len(ids)
+            if index < len(segments) - 1:
+                input_ids += [pad] * num_image_tokens  # placeholders; the model overwrites these embeddings
+                image_mask += [True] * num_image_tokens
+        labels += [IGNORE_INDEX] * (len(input_ids) - start)
+        if target is not None:
+            target_ids = _encode(tokenizer, target + end_sym)
+            if max_target_len is not None:
+                target_ids = target_ids[:max_target_len]
+            input_ids += target_ids
+            image_mask += [False] * len(target_ids)
+            # Pad-id tokens of the target are not learned: with pad == eos (the Vicuna v0 releases) a genuine
+            # eos is not learned either; with a distinct pad (the Llama-2 release's "$$") it is.
+            labels += [IGNORE_INDEX if t == pad else t for t in target_ids]
     return LaidOut(input_ids, labels, image_mask)
+
+
+def conversation_turns(
+    template: str, exchanges: Sequence[tuple[str, str]], end_sym: str, image_first: str = IMAGE_PLACEHOLDER
+) -> list[tuple[str, str]]:
+    """The (prompt, answer) turns of a training conversation, for `layout_conversation`.
+
+    Each question is wrapped in `template` (e.g. "###Human: {} ###Assistant: "); the first one starts with
+    `image_first` (the image, e.g. "<Img><ImageHere></Img>") and a space. When the template starts with
+    `end_sym` (Vicuna's "###"), the answer's end_sym is also the next turn's separator and is not repeated, so
+    the text is what the chat template renders for the same messages ("...answer###Human: next ###Assistant: ").
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"the prompt template must contain exactly one '{{}}', got {template!r}")
+    turns = []
+    for number, (question, answer) in enumerate(exchanges):
+        prompt = template.replace("{}", f"{image_first} {question}" if number == 0 else question)
+        if number > 0 and end_sym and prompt.startswith(end_sym):
+            prompt = prompt[len(end_sym):]
+        turns.append((prompt, answer))
+    return turns
 
 
 def collate_layouts(

@@ -166,12 +166,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def chat_record(cfg: TrainJobConfig, model: MiniGPT4) -> dict[str, Any]:
     """The "chat" entry: the conversation template that lays prompts out as this stage trained them.
 
-    Stage 1 (no prompts) trains `[image][caption]\n`: the `caption` template. Stage 2 with the
+    Stage 1 (no prompts) trains `[image][caption]\n`: the `caption` template. Stage 2 (prompts, or
+    conversations whose questions are wrapped in the template) with the
     released instruction template trains `###Human: ... ###Assistant: `: `vicuna_v0_train`; the Llama-2
     release's (`[INST] ... [/INST] `, end "</s>") chats in `llama2`, as that release does. The decoding is
     the model's own (the release's, or what the folder it was loaded from records).
     """
-    if not cfg.data.prompts:
+    conversations = any(d.kind == "conversations" for d in cfg.data.datasets)  # their questions are the prompts
+    if not cfg.data.prompts and not conversations:
         template = "caption"
     elif cfg.data.prompt_template == VICUNA_V0_TEMPLATE and cfg.data.end_sym == "###":
         template = "vicuna_v0_train"

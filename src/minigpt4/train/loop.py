@@ -29,10 +29,19 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from minigpt4.config import ConfigError, TrainJobConfig, check_ranges, to_dict
+from minigpt4.chat.templates import VICUNA_IMAGE
+from minigpt4.config import ConfigError, DataConfig, TrainJobConfig, check_ranges, to_dict
 from minigpt4.model.build import build_job_model
 from minigpt4.model.minigpt4 import MiniGPT4
-from minigpt4.processing.prompt import IGNORE_INDEX, LayoutBatch, layout_batch
+from minigpt4.processing.prompt import (
+    IGNORE_INDEX,
+    LayoutBatch,
+    collate_layouts,
+    conversation_turns,
+    layout_batch,
+    layout_conversation,
+    pad_token_id,
+)
 from minigpt4.train import checkpoint as ckpt
 from minigpt4.train.distributed import (
     DistContext,
@@ -155,17 +164,26 @@ def open_batches(cfg: TrainJobConfig, ctx: DistContext, start_batch: int, model:
             from minigpt4.data.aligned import stage2_batches
 
             return stage2_batches(datasets[0].path, transform, cfg.data.batch_size, **common)
+        if kinds == {"conversations"} and len(datasets) == 1:
+            from minigpt4.data.conversations import conversation_batches
+
+            return conversation_batches(datasets[0].path, transform, cfg.data.batch_size, **common)
     except ValueError as err:  # the readers' checks of what they were given: remote shards, too few pairs, bad JSON
         raise ConfigError(f"data.datasets: {err}") from err
     raise ConfigError(
-        "data.datasets must be one or more kind=webdataset sources (stage 1) or exactly one kind=aligned "
-        f"folder (stage 2); got {[(d.kind, d.path) for d in datasets]}"
+        "data.datasets must be one or more kind=webdataset sources (stage 1), or exactly one kind=aligned "
+        f"folder or kind=conversations file (stage 2); got {[(d.kind, d.path) for d in datasets]}"
     )
 
 
+def is_conversations(cfg: TrainJobConfig) -> bool:
+    """Whether the job trains on conversations (their questions are the prompts)."""
+    return any(d.kind == "conversations" for d in cfg.data.datasets)
+
+
 def load_prompts_for(cfg: TrainJobConfig) -> list[str | None]:
-    """The instruction prompts to draw from; [None] means no prompt (stage 1)."""
-    if not cfg.data.prompts:
+    """The instruction prompts to draw from; [None] means no prompt (stage 1, or conversations)."""
+    if not cfg.data.prompts or is_conversations(cfg):
         return [None]
     from minigpt4.data.prompts import load_prompts
 
@@ -175,11 +193,27 @@ def load_prompts_for(cfg: TrainJobConfig) -> list[str | None]:
     return prompts
 
 
+def conversation_batch(model: MiniGPT4, texts: list[str], data: DataConfig) -> LayoutBatch:
+    """A training batch of conversations (each text: its exchanges as JSON, see `minigpt4.data.conversations`):
+    every question wrapped in `data.prompt_template`, the image before the first one in the chat templates'
+    image tags, every answer + `data.end_sym` learned (`data.max_txt_len` tokens at most each)."""
+    samples = [layout_conversation(model.tokenizer, conversation_turns(data.prompt_template, json.loads(text),
+                                                                       data.end_sym, VICUNA_IMAGE),
+                                   model.num_image_tokens, data.end_sym, data.max_txt_len) for text in texts]
+    return collate_layouts(samples, pad_token_id(model.tokenizer), padding_side="right")
+
+
 def check_config(cfg: TrainJobConfig) -> None:
     """Fail before building anything on settings that cannot work (ranges, then combinations)."""
     check_ranges(cfg)  # again: the config may have been built or edited in Python, not through from_dict
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: list at least one dataset (kind, path)")
+    if is_conversations(cfg) and cfg.data.prompts:
+        raise ConfigError(f"data.prompts={cfg.data.prompts!r} with a kind=conversations dataset: its questions are "
+                          "the prompts; set data.prompts to '' (data.prompt_template still wraps each question)")
+    if is_conversations(cfg) and cfg.data.prompt_template.count("{}") != 1:
+        raise ConfigError(f"data.prompt_template={cfg.data.prompt_template!r} must contain exactly one '{{}}' "
+                          "(where each question goes), e.g. '###Human: {} ###Assistant: '")
     if cfg.train.precision == "fp16" and torch.device(cfg.model.device).type == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU (model.device=cuda); "
                           "on CPU use train.precision=bf16 or fp32")
@@ -443,6 +477,9 @@ def _train_step(run: Run, step: int, stop_requested: bool) -> StepOutcome:
     run.skip_reasons.update(bad.reason.split(":")[0] for batch in micro for bad in batch["skipped"])
     layouts = []
     for index, batch in enumerate(micro):
+        if is_conversations(run.cfg):
+            layouts.append(conversation_batch(run.model, batch["text"], run.cfg.data).to(ctx.device))
+            continue
         # One prompt per micro-batch, as the original; drawn from (seed, rank, batch index)
         # so that a resumed run draws the same ones.
         batch_index = step * t.grad_accum + index
