@@ -11,10 +11,11 @@ out to the recipe: the batch-2 step times of the benchmark JSON scaled per sampl
 build per image from the same JSON, and the break-even point of the cache in passes over the data.
 
 "real" validates that arithmetic at a scale that runs in minutes: the reduced recipe (by default 5 x 20
-steps of 12 over 350 images, the same 3.43 passes) on the quickstart's stage-1 model and stage-2 data
-(data.augment=true, as the original), once without the cache (fresh random crops every pass) and once
-with a one-view cache (each image's crop drawn once, built inside the timed run). Before the whole
-runs it measures the per-step costs (short runs, every step logged) and the per-image cache cost (a
+steps of 12 over 350 images, the same 3.43 passes) on the quickstart's stage-1 model and image-description
+pairs drawn as the quickstart's stage 2 drew them before it became an instruction set (the same seeds, images
+and descriptions; `stage2_descriptions`), with one prompt (data.augment=true, as the original), once without the
+cache (fresh random crops every pass) and once with a one-view cache (each image's crop drawn once, built inside
+the timed run). Before the whole runs it measures the per-step costs (short runs, every step logged) and the per-image cache cost (a
 small cache built 3 times), predicts both whole runs, then runs them and prints predicted vs real.
 Both trained models are scored on held-out images (the eval transform): what a one-view cache, i.e.
 frozen crops, does to the validation loss against fresh crops.
@@ -104,6 +105,23 @@ def computed(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------ real (embedded scale)
 
 
+PROMPT_LINE = "<Img><ImageHere></Img> Describe this image."
+
+
+def stage2_descriptions(dest: Path, count: int, seed: int) -> Path:
+    """A cc_sbu_align folder of `count` drawn shapes with their descriptions: the quickstart's stage-2 images of
+    `seed` (its stage-2 seed range) as its stage 2 drew and described them before its instruction set."""
+    from minigpt4.data.synthetic import SPLIT_SEED_OFFSETS, draw_scene, write_stage2
+
+    first = seed * 10_000_000 + SPLIT_SEED_OFFSETS["stage2"]
+    items = []
+    for i in range(count):
+        image, scene = draw_scene(first + i)
+        items.append((f"shape{i}", image, scene.description()))
+    write_stage2(dest, items)
+    return dest
+
+
 def subset(source: Path, dest: Path, first: int, count: int, crop_seed: int | None = None, size: int = 224) -> Path:
     """A cc_sbu_align folder of annotations [first, first + count) of `source`, images copied.
 
@@ -140,7 +158,7 @@ def job(args: argparse.Namespace, data: Path, out: Path, steps: int, epochs: int
         "model.weights.pretrained": str(args.quickstart / "stage1" / "model"),
         "data.datasets": json.dumps([{"kind": "aligned", "path": str(data)}]),
         "data.batch_size": args.batch, "data.num_workers": 0, "data.augment": str(augment).lower(),
-        "data.prompts": str(args.quickstart / "data" / "stage2_prompts.txt"),
+        "data.prompts": str(data.parent / "prompts.txt"),  # `real` writes it beside its data folders
         "data.prompt_template": "'###Human: {} ###Assistant: '", "data.end_sym": "'###'", "data.max_txt_len": 48,
         "data.process_captions": "false", "data.feature_cache": str(cache) if cache else "''",
         "train.lr": 1e-3, "train.min_lr": 3e-4, "train.warmup_lr": 1e-5, "train.warmup_steps": max(1, steps // 30),
@@ -201,12 +219,13 @@ def real(args: argparse.Namespace) -> dict:
 
     steps, epochs, views = args.epochs * args.steps_per_epoch, args.epochs, args.views
     work = Path(tempfile.mkdtemp(prefix="cache-recipe-"))
-    source = args.quickstart / "data" / "stage2"
+    (work / "prompts.txt").write_text(PROMPT_LINE + "\n")
+    seed = json.loads((args.quickstart / "summary.json").read_text())["seed"]
+    source = stage2_descriptions(work / "stage2", args.images + args.validation_images, seed)
     data = subset(source, work / "train", 0, args.images)
     frozen_data = subset(source, work / "train-frozen-crops", 0, args.images, crop_seed=args.seed)
     held_out = subset(source, work / "validation", args.images, args.validation_images)
-    prompt_line = (args.quickstart / "data" / "stage2_prompts.txt").read_text().splitlines()[0]
-    prompt = f"###Human: {prompt_line} ###Assistant: "
+    prompt = f"###Human: {PROMPT_LINE} ###Assistant: "
 
     # 1. Costs: a step without and with the cache (short runs, every step logged) and the cache's cost per
     #    stored view (a small cache built 3 times); the whole runs are predicted from them.
@@ -292,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--views", type=int, default=4, help="stored crops per image of the augmented cache")
     rl = sub.add_parser("real", help="real whole runs of a reduced recipe at the embedded scale")
     rl.add_argument("--quickstart", type=Path, default=Path("quickstart"),
-                    help="a finished `minigpt4 quickstart` folder (its stage-1 model, stage-2 data and prompts)")
+                    help="a finished `minigpt4 quickstart` folder (its stage-1 model and seed)")
     rl.add_argument("--images", type=int, default=350)
     rl.add_argument("--validation-images", type=int, default=144)
     rl.add_argument("--epochs", type=int, default=5)
