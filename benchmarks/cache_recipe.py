@@ -15,8 +15,9 @@ steps of 12 over 350 images, the same 3.43 passes) on the quickstart's stage-1 m
 pairs drawn as the quickstart's stage 2 drew them before it became an instruction set (the same seeds, images
 and descriptions; `stage2_descriptions`), with one prompt (data.augment=true, as the original), once without the
 cache (fresh random crops every pass) and once with a one-view cache (each image's crop drawn once, built inside
-the timed run). Before the whole runs it measures the per-step costs (short runs, every step logged) and the per-image cache cost (a
-small cache built 3 times), predicts both whole runs, then runs them and prints predicted vs real.
+the timed run). Before the whole runs it measures the per-step costs (short runs, every step logged) and the
+per-image cache cost (a small cache built 3 times), predicts both whole runs, then runs them and prints predicted
+vs real.
 Both trained models are scored on held-out images (the eval transform): what a one-view cache, i.e.
 frozen crops, does to the validation loss against fresh crops.
 """
