@@ -230,10 +230,9 @@ def real(args: argparse.Namespace) -> dict:
 
     # 1. Costs: a step without and with the cache (short runs, every step logged) and the cache's cost per
     #    stored view (a small cache built 3 times); the whole runs are predicted from them.
-    probe = subset(source, work / "probe", 0, 3 * args.batch)
+    probe = subset(source, work / "probe", 0, args.batch)
     probe_cfg = job(args, probe, work / "probe-uncached", args.short_steps, 1, None, 1)
-    per_view = [build(probe_cfg, probe, work / f"probe-cache{i}", views) / (3 * args.batch * views)
-                for i in range(3)]
+    per_view = [build(probe_cfg, probe, work / f"probe-cache{i}", views) / (args.batch * views) for i in range(3)]
     train(probe_cfg)
     uncached_steps = logged_step_times(work / "probe-uncached", args.batch)
     train(job(args, probe, work / "probe-cached", args.short_steps, 1, work / "probe-cache0", 1))
@@ -332,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{lscpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     peak = matmul_peak(torch.float32)
     print(f"# Feature cache, {args.mode}\n\n{machine}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s. "
-          f"Started {started}.\n")
+          f"Started {started}; load average {os.getloadavg()[0]:.1f} (a shared 2-core machine).\n")
     result = computed(args) if args.mode == "computed" else real(args)
-    result.update(started=started, machine=machine, fp32_peak_flops=peak)
+    result.update(started=started, machine=machine, fp32_peak_flops=peak, load_average_at_end=os.getloadavg())
     output = args.output or RESULTS_DIR / f"cache-{args.mode}.json"
     output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"JSON: {output}")

@@ -43,17 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="profiled steps (after one untimed step)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the random towers here between runs (default: a temporary folder)")
     parser.add_argument("--label", default="now", help="names the output: profile-<layout>-<dims>-<label>.{md,json}")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     llm = args.llm or ("smollm2" if args.dims == "original" else "tiny")
-    with tempfile.TemporaryDirectory(prefix="minigpt4-profile-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="minigpt4-profile-") as tmp:
+        workdir = str(args.workdir or tmp)
         spec = Spec(args.variant, "train", layout=args.layout, dims=args.dims, llm=llm, batch=args.batch,
                     steps=args.steps, threads=args.threads, workdir=workdir, switches=TRAIN_VARIANTS[args.variant])
         model = build(spec)
-        setup = train_setup(spec, model, Path(workdir))
+        setup = train_setup(spec, model, Path(tmp))
         setup.step()  # untimed: lazy initialisation, allocator warm-up
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

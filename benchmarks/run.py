@@ -18,7 +18,9 @@ Parts:
   chat    time to first token (image encoding + prefill) and decode tokens/s through minigpt4.chat
 
 Timing: --steps timed steps per variant after --warmup untimed ones; s/step and tokens/s are given as
-median (min-max) over the timed steps. tokens/s = LLM input positions (BOS, prompt, image positions,
+median (min-max) over the timed steps. On a CPU with --threads 1, every time (steps, cache builds, the
+matmul peak) is the process's CPU time, which a shared machine's other processes do not inflate; else
+the wall clock. tokens/s = LLM input positions (BOS, prompt, image positions,
 target; padding excluded) per second. MFU = matmul/attention FLOPs the step runs (counted by torch's
 FlopCounterMode in the first warm-up step) per second at the median step, over this machine's matmul
 peak in the variant's compute dtype: the best of the peaks measured at the start and end of the
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device string (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per variant (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the random towers (and the transformers export) here between invocations "
+                             "(default: a temporary folder)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the variants in this process (quick smoke runs; peak memory is then not per variant)")
     parser.add_argument("--output", type=Path, default=None,
@@ -206,8 +211,11 @@ def title(part: str, args: argparse.Namespace, rows: list[dict]) -> str:
     batch = args.batch_stage1 if part == "stage1" else args.batch_stage2
     what = "32-token captions, no prompt" if part == "stage1" else "instruction prompt + descriptions up to 160 tokens"
     base = rows[0]
+    timing = ("timed by the process's CPU time (one torch thread: the compute time, without the slices a shared "
+              "machine's scheduler gives to other processes; wall times are in the JSON)" if base["clock"] == "cpu"
+              else "timed by the wall clock")
     return (f"Training, {part} layout ({what}): batch {batch}, {base['tokens_per_step']} LLM input positions per "
-            f"step ({base['padded_positions']} with padding); {args.steps} timed steps per variant")
+            f"step ({base['padded_positions']} with padding); {args.steps} timed steps per variant, {timing}")
 
 
 def measure_peaks(device: str, before: dict[str, float]) -> dict[str, float]:
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s. Started {started}.\n", flush=True)
     report: dict = {"started": started, "machine": machine, "args": {k: (str(v) if isinstance(v, Path) else v)
                     for k, v in vars(args).items()}, "matmul_peak_flops": peaks, "parts": {}}
-    with tempfile.TemporaryDirectory(prefix="minigpt4-bench-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="minigpt4-bench-") as tmp:
+        workdir = str(args.workdir or tmp)
         for part in args.parts:
             rows = []
             for spec in specs_for(args, part, workdir):

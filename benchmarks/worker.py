@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.peak import matmul_peak
+from benchmarks.peak import clock, matmul_peak, uses_cpu_clock
 from benchmarks.spec import Spec
 
 log = logging.getLogger("benchmarks.worker")
@@ -100,11 +100,19 @@ def sync(device: torch.device) -> None:
 
 
 def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """`fn()` and its wall time."""
+    out, wall, _ = timed_both(device, fn)
+    return out, wall
+
+
+def timed_both(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """`fn()`, its wall time and its time by `benchmarks.peak.clock` (one CPU thread: this process's CPU time)."""
+    now = clock(device)
     sync(device)
-    start = time.perf_counter()
+    start, start_clock = time.perf_counter(), now()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, now() - start_clock
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -319,8 +327,9 @@ def train_setup(spec: Spec, model, scratch: Path) -> TrainSetup:
     if sw.cache:
         # Built `steps` times (the last one is used), so its cost per image is a min/median/max too.
         for _ in range(spec.steps):
-            _, seconds = timed(device, lambda: build_cache(model, [("aligned", str(root))], scratch / "cache",
-                                                           transform, views=1, batch_size=spec.batch))
+            *_, seconds = timed_both(device, lambda: build_cache(model, [("aligned", str(root))],
+                                                                 scratch / "cache", transform, views=1,
+                                                                 batch_size=spec.batch))
             cache_build_times.append(seconds)
         batch = next(feature_batches(FeatureCache(scratch / "cache", model, transform), spec.batch, seed=spec.seed))
         inputs = batch["features"].to(device)
@@ -386,11 +395,12 @@ def run_train(spec: Spec, model, scratch: Path) -> dict:
         losses.append(loss)
     # The matmul peak in this process, right before its timed steps (same threads, same moment's load).
     peak = matmul_peak(DTYPES[setup.compute_dtype], spec.device)
-    times = []
+    times, wall_times = [], []
     for _ in range(spec.steps):
-        loss, seconds = timed(device, step)
+        loss, wall, seconds = timed_both(device, step)
         losses.append(loss)
         times.append(seconds)
+        wall_times.append(wall)
     step_s = statistics.median(times)
     return {
         "tokens_per_step": tokens,
@@ -399,6 +409,8 @@ def run_train(spec: Spec, model, scratch: Path) -> dict:
         "step_s_min": min(times),
         "step_s_max": max(times),
         "step_times": times,
+        "clock": "cpu" if uses_cpu_clock(device) else "wall",  # what step_times (and the peak) were timed by
+        "wall_step_times": wall_times,
         "tokens_per_s": tokens / step_s,
         "tokens_per_s_min": tokens / max(times),
         "tokens_per_s_max": tokens / min(times),
