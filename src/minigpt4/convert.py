@@ -1,7 +1,8 @@
 """Strict loading of the original MiniGPT-4 / BLIP-2 / EVA checkpoint files.
 
-Each loader maps the file's keys onto this package's module names with an explicit table, then
-loads every submodule strictly: a missing, unexpected or mis-shaped tensor is an error that names
+Each loader maps the file's keys onto this package's module names (for the towers, those of
+transformers' Blip2VisionModel and Blip2QFormerModel) with an explicit table, then loads every
+submodule strictly: a missing, unexpected or mis-shaped tensor is an error that names
 it. The keys a file holds on purpose but that are not used are listed below with the reason, and
 logged when skipped. Files are read with `torch.load(weights_only=True)`: nothing is unpickled
 beyond tensors and plain containers. Every floating tensor read is checked finite once, at load:
@@ -51,42 +52,44 @@ PROJECTION_IGNORED = [
     (r"^llama_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$", "a constant rotary buffer"),
 ]
 
-# The towers are transformers' Blip2VisionModel (`vision.*`) and Blip2QFormerModel (`qformer.*`). These tables
-# map the original names onto theirs.
+# The towers are transformers' Blip2VisionModel (`vision.*`) and Blip2QFormerModel (`qformer.*`). These tables map
+# the original names onto theirs, as (original, ours) name templates: one ending in "." renames a prefix, any other
+# a whole name; "{i}" stands for a block index. Read backwards, they name what a file lacks in the file's own terms.
 # EVA-ViT-g: eva_vit_g.pth key (also LAVIS' `visual_encoder.*`) -> Blip2VisionModel key. `blocks.N.attn.q_bias` and
 # `v_bias` have no single counterpart: they become one `qkv.bias` with a zero key third (`EVA_QV_BIAS`).
-_EVA_RENAMES = [
-    (r"^cls_token$", "embeddings.class_embedding"),
-    (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
-    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.\1.self_attn.qkv.weight"),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+_EVA_NAMES = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("blocks.{i}.norm1.", "encoder.layers.{i}.layer_norm1."),
+    ("blocks.{i}.norm2.", "encoder.layers.{i}.layer_norm2."),
+    ("blocks.{i}.attn.qkv.weight", "encoder.layers.{i}.self_attn.qkv.weight"),
+    ("blocks.{i}.attn.q_bias and v_bias", "encoder.layers.{i}.self_attn.qkv.bias"),  # read backwards only
+    ("blocks.{i}.attn.proj.", "encoder.layers.{i}.self_attn.projection."),
+    ("blocks.{i}.mlp.", "encoder.layers.{i}.mlp."),
 ]
 EVA_QV_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.([qv])_bias$")
 
 # Q-Former: original name (after "Qformer.bert.") -> Blip2QFormerModel's (after "qformer."); the rest is equal.
-_QFORMER_RENAMES = [
-    (r"^embeddings\.LayerNorm\.", "layernorm."),
-    (r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"encoder.layer.\1.\2.attention."),
+_QFORMER_NAMES = [
+    ("embeddings.LayerNorm.", "layernorm."),
+    ("encoder.layer.{i}.attention.self.", "encoder.layer.{i}.attention.attention."),
+    ("encoder.layer.{i}.crossattention.self.", "encoder.layer.{i}.crossattention.attention."),
 ]
 
 # Folders saved before the towers were transformers' (format_version 1) and training checkpoints of a trainable
 # Q-Former from then: our former Q-Former names (after "qformer.") -> Blip2QFormerModel's. Their `vision.*` keys are
-# eva_vit_g.pth's names, mapped by `_EVA_RENAMES`.
-_OLD_QFORMER_RENAMES = [
-    (r"^embed_norm\.", "layernorm."),
-    (r"^layers\.(\d+)\.self_attn\.(query|key|value)\.", r"encoder.layer.\1.attention.attention.\2."),
-    (r"^layers\.(\d+)\.self_attn\.out\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^layers\.(\d+)\.self_attn\.norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
-    (r"^layers\.(\d+)\.cross_attn\.(query|key|value)\.", r"encoder.layer.\1.crossattention.attention.\2."),
-    (r"^layers\.(\d+)\.cross_attn\.out\.", r"encoder.layer.\1.crossattention.output.dense."),
-    (r"^layers\.(\d+)\.cross_attn\.norm\.", r"encoder.layer.\1.crossattention.output.LayerNorm."),
-    (r"^layers\.(\d+)\.ffn\.fc1\.", r"encoder.layer.\1.intermediate_query.dense."),
-    (r"^layers\.(\d+)\.ffn\.fc2\.", r"encoder.layer.\1.output_query.dense."),
-    (r"^layers\.(\d+)\.ffn\.norm\.", r"encoder.layer.\1.output_query.LayerNorm."),
+# eva_vit_g.pth's names, mapped by `_EVA_NAMES`.
+_OLD_QFORMER_NAMES = [
+    ("embed_norm.", "layernorm."),
+    ("layers.{i}.ffn.fc1.", "encoder.layer.{i}.intermediate_query.dense."),
+    ("layers.{i}.ffn.fc2.", "encoder.layer.{i}.output_query.dense."),
+    ("layers.{i}.ffn.norm.", "encoder.layer.{i}.output_query.LayerNorm."),
+] + [
+    (f"layers.{{i}}.{old}.{part}.", f"encoder.layer.{{i}}.{new}.{theirs}.")
+    for old, new in (("self_attn", "attention"), ("cross_attn", "crossattention"))
+    for part, theirs in (("query", "attention.query"), ("key", "attention.key"), ("value", "attention.value"),
+                         ("out", "output.dense"), ("norm", "output.LayerNorm"))
 ]
 
 KNOWN_LLM_SIZES = {4096: "a 7B LLaMA/Vicuna", 5120: "a 13B LLaMA/Vicuna", 6656: "a 33B LLaMA/Vicuna"}
@@ -196,7 +199,8 @@ def assign_strict(
 
     Every tensor of each named top-level submodule must be in `state`, with the right shape, and
     `state` may hold nothing else; `expected` additionally lists keys that must all be present.
-    `file_keys` maps our key names back to the file's, so errors name what the file calls them.
+    `file_keys` maps our key names back to the file's (those it lacks included), so errors name what the file
+    calls them.
     The tensors are assigned (not copied), so a model built on the meta device loads in place.
     """
     file_keys = file_keys or {}
@@ -240,7 +244,7 @@ def assign_strict(
             problems.append(f"wrong dtypes: {name_list(mistyped)}")
     missing = required - set(state)
     if missing:
-        problems.append(f"missing keys: {name_list(missing)}")
+        problems.append(f"missing keys: {name_list(file_keys.get(k, k) for k in missing)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     for head, sub in groups.items():
@@ -267,12 +271,15 @@ def _split_ignored(
 # --------------------------------------------------------------------------------------------
 
 
-def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
-    """`key` renamed by the first pattern of `renames` that matches it; None when none does."""
-    for pattern, replacement in renames:
-        renamed, hits = re.subn(pattern, replacement, key)
-        if hits:
-            return renamed
+def _rename(key: str, names: list[tuple[str, str]], backwards: bool = False) -> str | None:
+    """`key` renamed by the first template pair of `names` that matches it (right to left when `backwards`);
+    None when none does."""
+    for source, target in names:
+        if backwards:
+            source, target = target, source
+        pattern = "^" + re.escape(source).replace(re.escape("{i}"), r"(\d+)") + ("" if source.endswith(".") else "$")
+        if match := re.match(pattern, key):
+            return (target.replace("{i}", match.group(1)) if match.groups() else target) + key[match.end():]
     return None
 
 
@@ -295,7 +302,7 @@ def eva_to_vision(
             continue
         if key == "pos_embed":
             tensor = interpolate_pos_embed(tensor, num_patches)
-        ours = "vision." + (_rename(key, _EVA_RENAMES) or key)
+        ours = "vision." + (_rename(key, _EVA_NAMES) or key)
         mapped[ours], file_keys[ours] = tensor, file_key
     for block, biases in sorted(qv_bias.items()):
         if set(biases) != {"q", "v"}:
@@ -346,18 +353,33 @@ def load_eva_vit(model: nn.Module, path: str | Path) -> None:
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     mapped, file_keys = eva_vit_state_dict(state, cfg.depth, num_patches, str(path))
     vision_keys = {f"vision.{k}" for k in model.vision.state_dict()}
-    assign_strict(model, mapped, source=str(path), expected=vision_keys, file_keys=file_keys)
+    assign_strict(model, mapped, source=str(path), expected=vision_keys, file_keys=file_names(vision_keys) | file_keys)
+
+
+def file_names(ours: Iterable[str]) -> dict[str, str]:
+    """Our tower keys -> what the original files call them (`vision.*` as eva_vit_g.pth, the rest as the LAVIS
+    BLIP-2 file), for naming the tensors a file lacks."""
+    names = {}
+    for key in ours:
+        head, _, rest = key.partition(".")
+        if head == "vision":
+            names[key] = _rename(rest, _EVA_NAMES, backwards=True) or rest
+        elif key == "qformer.query_tokens":
+            names[key] = "query_tokens"
+        elif head == "qformer":
+            names[key] = "Qformer.bert." + (_rename(rest, _QFORMER_NAMES, backwards=True) or rest)
+    return names
 
 
 def qformer_key(key: str) -> str:
     """`qformer.` + a Q-Former key (original names after "Qformer.bert.") in Blip2QFormerModel's names."""
-    return "qformer." + (_rename(key, _QFORMER_RENAMES) or key)
+    return "qformer." + (_rename(key, _QFORMER_NAMES) or key)
 
 
 def upgrade_qformer_key(key: str) -> str:
     """A key of ours from before the towers were transformers' (`qformer.embed_norm.weight`, ...) in today's names
     (`qformer.layernorm.weight`, ...); any other key comes back unchanged."""
-    if key.startswith("qformer.") and (new := _rename(key.removeprefix("qformer."), _OLD_QFORMER_RENAMES)):
+    if key.startswith("qformer.") and (new := _rename(key.removeprefix("qformer."), _OLD_QFORMER_NAMES)):
         return "qformer." + new
     return key
 
@@ -391,18 +413,20 @@ def load_blip2(model: nn.Module, path: str | Path) -> None:
     required = {f"ln_vision.{k}" for k in model.ln_vision.state_dict()} | {
         f"qformer.{k}" for k in model.qformer.state_dict()
     }
-    assign_strict(model, mapped, source=str(path), expected=required, file_keys=file_keys)
+    known = file_names(required) | {k: f"visual_encoder.{name}" for k, name in file_names(
+        f"vision.{k}" for k in model.vision.state_dict()).items()}
+    assign_strict(model, mapped, source=str(path), expected=required, file_keys=known | file_keys)
 
 
 def upgrade_tower_keys(state: dict[str, torch.Tensor], num_patches: int, source: str) -> dict[str, torch.Tensor]:
     """Tower tensors saved before the towers were transformers' (format_version 1 folders, training checkpoints of
     a trainable Q-Former), renamed to today's names; keys already in today's names pass unchanged.
 
-    The former `vision.*` names are eva_vit_g.pth's, the former `qformer.*` names `_OLD_QFORMER_RENAMES`' left sides.
+    The former `vision.*` names are eva_vit_g.pth's, the former `qformer.*` names `_OLD_QFORMER_NAMES`' left sides.
     """
     old_vision = {k: v for k, v in state.items()
                   if k.startswith("vision.") and (EVA_QV_BIAS.match(k.removeprefix("vision."))
-                                                  or _rename(k.removeprefix("vision."), _EVA_RENAMES))}
+                                                  or _rename(k.removeprefix("vision."), _EVA_NAMES))}
     upgraded = {upgrade_qformer_key(k): v for k, v in state.items() if k not in old_vision}
     if old_vision:
         upgraded.update(eva_to_vision(old_vision, "vision.", num_patches, source)[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -54,6 +56,24 @@ def test_eva_file_with_a_missing_tensor_names_it(tiny_model, tiny_config, origin
         _load(original_files, tiny_config)
 
 
+@pytest.mark.parametrize("name", ["blocks.1.mlp.fc1.weight", "cls_token"])
+def test_eva_file_lacking_a_tensor_names_it_as_the_file_does(tiny_model, tiny_config, original_files, name):
+    eva = torch.load(original_files["eva"], weights_only=True)
+    del eva[name]
+    torch.save(eva, original_files["eva"])
+    with pytest.raises(CheckpointError, match=rf"eva\.pth does not fit the model: missing keys: {re.escape(name)}$"):
+        _load(original_files, tiny_config)
+
+
+def test_blip2_file_lacking_a_qformer_tensor_names_it_as_the_file_does(tiny_model, tiny_config, original_files):
+    ckpt = torch.load(original_files["blip2"], weights_only=True)
+    name = "Qformer.bert.encoder.layer.0.crossattention.self.key.bias"
+    del ckpt["model"][name]
+    torch.save(ckpt, original_files["blip2"])
+    with pytest.raises(CheckpointError, match=rf"missing keys: {re.escape(name)}$"):
+        _load(original_files, tiny_config)
+
+
 def test_blip2_file_without_ln_vision_is_an_error(tiny_model, tiny_config, original_files):
     ckpt = torch.load(original_files["blip2"], weights_only=True)
     del ckpt["model"]["ln_vision.weight"]
@@ -66,7 +86,8 @@ def test_blip2_file_with_an_unknown_tensor_names_it(tiny_model, tiny_config, ori
     ckpt = torch.load(original_files["blip2"], weights_only=True)
     ckpt["model"]["Qformer.bert.encoder.layer.0.attention.self.rotary"] = torch.zeros(3)
     torch.save(ckpt, original_files["blip2"])
-    with pytest.raises(CheckpointError, match=r"unexpected keys: Qformer\.bert\.encoder\.layer\.0\.attention\.self\.rotary"):
+    message = r"unexpected keys: Qformer\.bert\.encoder\.layer\.0\.attention\.self\.rotary"
+    with pytest.raises(CheckpointError, match=message):
         _load(original_files, tiny_config)
 
 
@@ -170,8 +191,6 @@ FORMER_QFORMER_NAMES = [
 def _former_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A tower state dict under the names format_version 1 folders hold: eva_vit_g.pth's under `vision.`,
     our former Q-Former names under `qformer.`."""
-    import re
-
     parts = to_original_keys(state)
     former = {f"vision.{k}": v for k, v in parts["eva"].items()}
     former |= {f"proj.{k.removeprefix('llama_proj.')}": v for k, v in parts["proj"].items()}
