@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     stem = RESULTS_DIR / f"profile-{args.layout}-{args.dims}-{args.label}"
     stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "wall_s": wall, "self_total_s": total,
-                                                     "matmul_s": matmul, "ops": rows[:60]}, indent=1) + "\n")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall, "self_total_s": total,
+              "matmul_s": matmul, "ops": rows[:60]}
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"written: {stem}.md, {stem}.json")
     return 0
 
