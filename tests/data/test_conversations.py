@@ -61,7 +61,7 @@ def test_multi_turn_layout_learns_only_the_answers_and_renders_as_chat(tiny_mode
         layout_conversation(tokenizer, [(turns[0][0], None), turns[1]], tiny_model.num_image_tokens)
 
 
-def test_reader_batches_and_skips(tmp_path):
+def test_reader_batches_and_skips_and_data_check_lists_them(tmp_path, capsys):
     path = _file(tmp_path)
     records = json.loads(path.read_text())
     records[1]["conversations"] = records[1]["conversations"][:1]  # a question without its answer
@@ -79,6 +79,14 @@ def test_reader_batches_and_skips(tmp_path):
     assert texts["c5"] == [list(pair) for pair in EXCHANGES]
     assert exchanges({"conversations": [{"from": "human", "value": "<image>\nHi?"},
                                         {"from": "gpt", "value": " Yes. "}]}) == [["Hi?", "Yes."]]
+
+    # `minigpt4 data check` reads the file as training does and lists the same three.
+    from minigpt4.cli import main
+
+    assert main(["data", "check", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert f"BROKEN {path} (conversations): 3 good samples, 3 broken; 6 conversation(s)" in printed
+    assert f"{path} [c1]: odd conversation" in printed
 
 
 def test_a_stage2_run_trains_on_conversations_with_and_without_a_cache(tmp_path, tiny_llm_dir):

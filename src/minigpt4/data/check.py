@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from minigpt4.data import SkippedSample
 from minigpt4.data.aligned import ANNOTATION_FILE, IMAGE_DIR, AlignedSource
+from minigpt4.data.conversations import ConversationSource
 from minigpt4.data.pipeline import decode
 from minigpt4.data.webdataset import expand_shards, read_tar_groups, tar_sample
 from minigpt4.processing.text import process_caption
@@ -22,7 +23,7 @@ class CheckReport:
     """What `check_path` found in one path."""
 
     path: str
-    kind: str  # "shards" or "aligned"
+    kind: str  # "shards", "aligned" or "conversations"
     ok: int = 0
     broken: list[SkippedSample] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # oddities that are not errors
@@ -81,13 +82,7 @@ def check_aligned(root: str | Path) -> CheckReport:
     except (FileNotFoundError, ValueError) as err:
         report.broken.append(SkippedSample(str(Path(root) / ANNOTATION_FILE), "", f"bad annotation file: {err}"))
         return report
-    for index in range(len(source.annotations)):
-        item = source.annotation_item(index, epoch=0)
-        result = item if isinstance(item, SkippedSample) else decode(item)
-        if isinstance(result, SkippedSample):
-            report.broken.append(result)
-        else:
-            report.ok += 1
+    _check_items(source, report)
     listed = {image_id for image_id, _ in source.annotations}
     unlisted = [p for p in (Path(root) / IMAGE_DIR).glob("*.jpg") if p.stem not in listed]
     report.notes.append(f"{len(source.annotations)} annotation(s)")
@@ -96,14 +91,40 @@ def check_aligned(root: str | Path) -> CheckReport:
     return report
 
 
+def _check_items(source: AlignedSource, report: CheckReport) -> None:
+    """Read and decode every record of an aligned or conversation source, counting the good and listing the rest."""
+    for index in range(len(source.annotations)):
+        item = source.annotation_item(index, epoch=0)
+        result = item if isinstance(item, SkippedSample) else decode(item)
+        if isinstance(result, SkippedSample):
+            report.broken.append(result)
+        else:
+            report.ok += 1
+
+
+def check_conversations(path: str | Path) -> CheckReport:
+    """Every record of a conversation file (LLaVA's layout): questions and answers in turn, image decodable."""
+    report = CheckReport(str(path), "conversations")
+    try:
+        source = ConversationSource(path, seed=0)
+    except (FileNotFoundError, ValueError) as err:
+        report.broken.append(SkippedSample(str(path), "", f"bad conversation file: {err}"))
+        return report
+    _check_items(source, report)
+    report.notes.append(f"{len(source.annotations)} conversation(s)")
+    return report
+
+
 def check_path(path: str, workers: int = 1, progress: bool = False) -> CheckReport:
-    """An aligned folder (it holds filter_cap.json) or shards (anything else).
+    """An aligned folder (it holds filter_cap.json), a conversation file (a .json file) or shards (anything else).
 
     A path without a single usable sample (an empty tar, a folder of empty tars) is broken: training on it
     would have nothing to learn from.
     """
     if (Path(path) / ANNOTATION_FILE).is_file():
         report = check_aligned(path)
+    elif Path(path).suffix == ".json" and Path(path).is_file():
+        report = check_conversations(path)
     else:
         report = check_shards(path, workers, progress)
     if not report.ok:
