@@ -221,11 +221,10 @@ def part_chat(args, model, peaks) -> list[str]:
                             for tokens in (args.new_tokens, 1))
             results: dict[str, list[dict]] = {name: [] for name in runners}
             texts: dict[str, list[str]] = {}
-            for name, runner in runners.items():  # warm-up
-                texts[name] = runner(model, rendered, image, template, args.new_tokens)[1]
-            for _ in range(args.runs):  # interleaved, so load changes hit both alike
+            for _ in range(args.runs):  # interleaved, so load changes hit both alike (the FLOP counts warmed up)
                 for name, runner in runners.items():
-                    results[name].append(runner(model, rendered, image, template, args.new_tokens)[0])
+                    result, texts[name] = runner(model, rendered, image, template, args.new_tokens)
+                    results[name].append(result)
             same = texts["ours (stream_batch)"] == texts["transformers generate"]
             for name, runs in results.items():
                 mfu = [100 * (whole - first) / (r["total_s"] - r["ttft_s"]) / peak for r in runs]
@@ -258,9 +257,11 @@ def photo_data_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def start_server(max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch: int, threads: int, src: str | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if src is not None:  # another checkout's minigpt4
+        env["PYTHONPATH"] = src
     command = [sys.executable, "-m", "minigpt4.cli", "serve", "--preset", "embedded", "--port", str(port),
                "--max-batch-size", str(max_batch), "--max-n", "1", "--max-queue", "256"]
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -326,23 +327,36 @@ def part_serve(args) -> list[str]:
     image = photo_data_url()
     lines = [
         f"{args.requests} requests per run from {args.concurrency} client threads, max_tokens cycling "
-        f"{args.max_tokens}, temperature 0, one 224x224 PNG each; server OMP_NUM_THREADS={args.threads}.",
+        f"{args.max_tokens}, temperature 0, one 224x224 PNG each; server OMP_NUM_THREADS={args.threads}. "
+        "All servers run side by side (idle while another is measured) and the runs are interleaved.",
         "",
-        "| scheduling | requests/s | p50 latency s | p95 latency s | completion tokens/s | completion tokens |",
-        "|---|---|---|---|---|---|",
+        "| server | scheduling | requests/s | p50 latency s | p95 latency s | completion tokens/s "
+        "| completion tokens |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for max_batch in args.schedules:
-        label = "one at a time (--max-batch-size 1)" if max_batch == 1 else f"batched (--max-batch-size {max_batch})"
-        server, url = start_server(max_batch, args.threads)
-        try:
+    setups = [("this checkout", None, max_batch) for max_batch in args.schedules]
+    if args.before_src:
+        setups += [(args.before_name, args.before_src, max_batch) for max_batch in args.before_schedules]
+    servers = []
+    try:
+        for _, src, max_batch in setups:
+            servers.append(start_server(max_batch, args.threads, src))
+        for _, url in servers:
             load(url, 2, 2, args.max_tokens, image)  # warm-up
-            runs = [load(url, args.requests, args.concurrency, args.max_tokens, image) for _ in range(args.runs)]
-        finally:
+        runs: list[list[dict]] = [[] for _ in setups]
+        for _ in range(args.runs):
+            for index, (_, url) in enumerate(servers):
+                runs[index].append(load(url, args.requests, args.concurrency, args.max_tokens, image))
+    finally:
+        for server, _ in servers:
             server.terminate()
             server.wait(30)
-        lines.append(f"| {label} | {spread([r['rps'] for r in runs])} | {spread([r['p50'] for r in runs])} | "
-                     f"{spread([r['p95'] for r in runs])} | {spread([r['tok_s'] for r in runs], '{:.1f}')} | "
-                     f"{'/'.join(str(t) for t in sorted({r['tokens'] for r in runs}))} |")
+    for (who, _, max_batch), results in zip(setups, runs, strict=True):
+        label = "one at a time (--max-batch-size 1)" if max_batch == 1 else f"batched (--max-batch-size {max_batch})"
+        lines.append(f"| {who} | {label} | {spread([r['rps'] for r in results])} | "
+                     f"{spread([r['p50'] for r in results])} | {spread([r['p95'] for r in results])} | "
+                     f"{spread([r['tok_s'] for r in results], '{:.1f}')} | "
+                     f"{'/'.join(str(t) for t in sorted({r['tokens'] for r in results}))} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -434,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="serve: client threads")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[4, 8, 16, 24], help="serve: cycled max_tokens")
     parser.add_argument("--schedules", type=int, nargs="+", default=[8, 1], help="serve: --max-batch-size values")
+    parser.add_argument("--before-src", default=None, help="serve: also run servers from this `src` folder")
+    parser.add_argument("--before-name", default="before", help="serve: what to call that checkout in the table")
+    parser.add_argument("--before-schedules", type=int, nargs="+", default=[8], help="serve: their --max-batch-size")
     parser.add_argument("--stream-lengths", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--label", default="", help="a note for the header (e.g. 'before': another checkout)")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables to this markdown file")
