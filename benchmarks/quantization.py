@@ -5,10 +5,11 @@ on this machine's CPU: memory, prefill and decode speed, and how often int8's gr
         .venv/bin/python -m benchmarks.quantization [--runs 5] [--out benchmarks/results/quantization-cpu.md]
 
 Each variant runs in a child process of its own, so its memory figures are its own: what loading adds to the
-resident set (torch and minigpt4 already imported), anonymous and file-backed apart, and the process's peak. Each
-child also measures the fp32 matmul peak (benchmarks/peak.py) just before its timings. Speed: batch 1, a
+resident set (torch and minigpt4 already imported), anonymous and file-backed apart, and the process's peak. Speed
+is timed in one more process holding both variants, their runs alternated with the fp32 matmul peak
+(benchmarks/peak.py) measured before each round, so a busy shared machine slows both alike: batch 1, a
 `--prefill`-token prompt (one forward, KV cache on), then `--decode` single-token steps on that cache;
-min/median/max tokens/s over `--runs` runs after a warm-up. Agreement, against the fp32 child's greedy answers:
+min/median/max tokens/s over `--runs` rounds after a warm-up. Agreement, against the fp32 child's greedy answers:
 `--prompts` chat prompts x `--new-tokens` greedy tokens (identical answers; the common prefix; teacher-forced
 top-1, i.e. int8's argmax at each position of fp32's answer), then the embedded MiniGPT-4 (EfficientNet-Lite0 +
 Q-Former + projection in front of the LLM) answering one captioning request per photo of `minigpt4 eval realphotos`
@@ -89,7 +90,6 @@ def child(args: argparse.Namespace) -> None:
     """Load the LLM in `args.child`'s form and write its measurements (and greedy answers) to `args.json`."""
     import torch
 
-    from benchmarks.peak import matmul_peak
     from minigpt4.config import LLMConfig
     from minigpt4.embedded import prepare_smollm2
     from minigpt4.model.llm import load_llm, stored_bytes, unwrapped_tensors
@@ -111,26 +111,7 @@ def child(args: argparse.Namespace) -> None:
         "anon_trimmed_bytes": trimmed["RssAnon"] - before["RssAnon"],
         "weight_bytes": stored_bytes(llm),
         "linear_bytes": sum(t.numel() * t.element_size() for t in unwrapped_tensors(linear).values()),
-        "peak_flops": matmul_peak(torch.float32),
     }
-
-    prompt = torch.randint(1000, 20000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
-    prefill, decode = [], []
-    with torch.no_grad():
-        for run in range(args.runs + 1):  # run 0 warms up
-            start = time.perf_counter()
-            out = llm(prompt, use_cache=True)
-            prefill_s = time.perf_counter() - start
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(args.decode):
-                out = llm(token, cache=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            decode_s = time.perf_counter() - start
-            if run:
-                prefill.append(args.prefill / prefill_s)
-                decode.append(args.decode / decode_s)
-    result["prefill_tps"], result["decode_tps"] = spread(prefill), spread(decode)
 
     reference = json.loads(Path(args.reference).read_text()) if args.reference else None
     answers, forced = [], []
@@ -145,6 +126,46 @@ def child(args: argparse.Namespace) -> None:
                 forced.append((logits.argmax(-1) == expected).tolist())
     result["answers"], result["forced"] = answers, forced
     result["photo_answers"] = photo_answers(args)
+    Path(args.json).write_text(json.dumps(result))
+
+
+def timing_child(args: argparse.Namespace) -> None:
+    """Both variants in one process, their runs alternated with a matmul peak before each round, so the load other
+    processes put on a shared machine falls on both alike; writes tokens/s per variant to `args.json`."""
+    import torch
+
+    from benchmarks.peak import matmul_peak
+    from minigpt4.config import LLMConfig
+    from minigpt4.embedded import prepare_smollm2
+    from minigpt4.model.llm import load_llm
+
+    path = str(prepare_smollm2())
+    llms = {variant: load_llm(LLMConfig(path=path, quantization=variant))[0] for variant in VARIANTS}
+    prompt = torch.randint(1000, 20000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    speeds: dict[str, dict[str, list[float]]] = {v: {"prefill": [], "decode": []} for v in VARIANTS}
+    peaks = []
+    with torch.no_grad():
+        for run in range(args.runs + 1):  # round 0 warms up
+            peak = matmul_peak(torch.float32)
+            for variant, llm in llms.items():
+                start = time.perf_counter()
+                out = llm(prompt, use_cache=True)
+                prefill_s = time.perf_counter() - start
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(args.decode):
+                    out = llm(token, cache=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                decode_s = time.perf_counter() - start
+                if run:
+                    speeds[variant]["prefill"].append(args.prefill / prefill_s)
+                    speeds[variant]["decode"].append(args.decode / decode_s)
+            if run:
+                peaks.append(peak)
+    result = {v: {"prefill_tps": spread(s["prefill"]), "decode_tps": spread(s["decode"]),
+                  "decode_ratios": [d / f for d, f in zip(s["decode"], speeds["none"]["decode"])]}
+              for v, s in speeds.items()}
+    result["peak_flops"] = spread(peaks)
     Path(args.json).write_text(json.dumps(result))
 
 
@@ -202,12 +223,13 @@ def run_child(variant: str, args: argparse.Namespace, folder: Path, reference: P
     return json.loads(out.read_text())
 
 
-def table(results: dict[str, dict], args: argparse.Namespace, started: str) -> str:
+def table(results: dict[str, dict], speeds: dict, args: argparse.Namespace, started: str) -> str:
     import torch
     import torchao
 
     fp32 = results["none"]
     mb = 1e6
+    peak = speeds["peak_flops"]
     lines = [
         "# int8 weight-only LLM on the CPU: the embedded SmolLM2-135M-Instruct, fp32 vs int8",
         "",
@@ -216,19 +238,23 @@ def table(results: dict[str, dict], args: argparse.Namespace, started: str) -> s
         "Command: `flock /work/wt/_notes/heavy.lock env PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python -m "
         f"benchmarks.quantization --runs {args.runs}`",
         "",
-        f"Speed: min / median / max tokens/s over {args.runs} runs; prefill = one {args.prefill}-token forward, "
-        f"decode = {args.decode} single-token steps on its KV cache.",
+        f"Speed: min / median / max tokens/s over {args.runs} rounds in one process, fp32 and int8 alternated; "
+        f"prefill = one {args.prefill}-token forward, decode = {args.decode} single-token steps on its KV cache. "
+        f"fp32 matmul peak before each round: {peak['min'] / 1e9:.1f} / {peak['median'] / 1e9:.1f} / "
+        f"{peak['max'] / 1e9:.1f} GFLOP/s.",
         "",
-        "Memory added by loading (MB): anon = the process's own (then after malloc_trim hands back freed heap), "
-        "file = pages of the safetensors file it mapped (fp32 computes from them; int8 read them once to quantise, "
-        "so the kernel may drop them). Peak RSS includes torch and transformers.",
+        "Memory added by loading (MB), each variant in a process of its own: anon = the process's own (then after "
+        "malloc_trim hands back freed heap), file = pages of the safetensors file it mapped (fp32 computes from "
+        "them; int8 read them once to quantise, so the kernel may drop them). Peak RSS includes torch and "
+        "transformers.",
         "",
         "| LLM weights | stored MB | × fp32 | decoder Linear MB | × fp32 | anon | anon, trimmed | file | peak RSS "
-        "| load s | prefill tok/s | decode tok/s | decode × fp32 | fp32 matmul peak GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| load s | prefill tok/s | decode tok/s | decode × fp32 (min / median / max of rounds) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, r in results.items():
-        p, d = r["prefill_tps"], r["decode_tps"]
+        p, d = speeds[variant]["prefill_tps"], speeds[variant]["decode_tps"]
+        ratio = spread(speeds[variant]["decode_ratios"])
         lines.append(
             f"| {'fp32' if variant == 'none' else variant} | {r['weight_bytes'] / mb:.0f} | "
             f"{r['weight_bytes'] / fp32['weight_bytes']:.2f} | {r['linear_bytes'] / mb:.0f} | "
@@ -236,15 +262,17 @@ def table(results: dict[str, dict], args: argparse.Namespace, started: str) -> s
             f"{r['anon_trimmed_bytes'] / mb:.0f} | {r['file_bytes'] / mb:.0f} | "
             f"{r['peak_rss_bytes'] / mb:.0f} | {r['load_s']:.1f} | "
             f"{p['min']:.0f} / {p['median']:.0f} / {p['max']:.0f} | {d['min']:.1f} / {d['median']:.1f} / "
-            f"{d['max']:.1f} | {d['median'] / fp32['decode_tps']['median']:.2f} | {r['peak_flops'] / 1e9:.1f} |")
+            f"{d['max']:.1f} | {ratio['min']:.2f} / {ratio['median']:.2f} / {ratio['max']:.2f} |")
     lines += ["", "Greedy agreement with fp32:", ""]
     for variant, r in results.items():
         if variant == "none":
             continue
         forced = [ok for row in r["forced"] for ok in row]
+        prefixes = " ".join(f"{prefix_length(a, b)}/{len(a)}" for a, b in zip(fp32["answers"], r["answers"]))
         lines.append(f"- {variant}, {len(r['answers'])} chat prompts x {args.new_tokens} tokens: "
                      f"{agreement(fp32['answers'], r['answers'])}; teacher-forced top-1 agreement "
-                     f"{sum(forced) / len(forced):.1%} of {len(forced)} positions")
+                     f"{sum(forced) / len(forced):.1%} of {len(forced)} positions. Common prefix per prompt: "
+                     f"{prefixes}")
         towers = f"trained ({args.checkpoint})" if args.checkpoint else "random (seeded, the same in both)"
         lines.append(f"- {variant}, embedded MiniGPT-4 (Q-Former and projection {towers}), "
                      f"{len(r['photo_answers'])} realphotos captioning requests x up to {args.new_tokens} tokens: "
@@ -262,12 +290,12 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=14, help="realphotos captioning requests (14 = all)")
     parser.add_argument("--checkpoint", default="", help="a trained embedded folder (default: random towers)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*VARIANTS, "timing"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        timing_child(args) if args.child == "timing" else child(args)
         return
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with tempfile.TemporaryDirectory(prefix="quantization-") as tmp:
@@ -275,7 +303,8 @@ def main() -> None:
         results = {"none": run_child("none", args, folder, None)}
         for variant in VARIANTS[1:]:
             results[variant] = run_child(variant, args, folder, folder / "none.json")
-    text = table(results, args, started)
+        speeds = run_child("timing", args, folder, None)
+    text = table(results, speeds, args, started)
     print(text)
     if args.out:
         args.out.write_text(text)
