@@ -33,6 +33,10 @@ EVAL_PROMPT = STAGE2_TEMPLATE.format("<Img><ImageHere></Img> Describe this image
 EVAL_TASKS = ("caption", "vqav2", "pope")
 
 
+# --tower -> (model preset, what it is called in the output).
+TOWERS = {"efficientnet": ("embedded", "EfficientNet-Lite0"), "vit": ("embedded-vit", "distilled ViT")}
+
+
 @dataclass
 class Plan:
     """How much data and training a run gets."""
@@ -73,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for feature caching and training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device string (the quickstart is sized for a CPU)")
+    parser.add_argument("--tower", choices=tuple(TOWERS), default="efficientnet",
+                        help="the frozen vision tower: EfficientNet-Lite0 (preset embedded), or a ViT distilled from "
+                             "it once per machine (preset embedded-vit; exports to transformers' BLIP-2 class)")
 
 
 def job_config(preset_dir: Path | None, datasets: list[dict], out: Path, plan: Plan, stage: int, seed: int,
@@ -137,7 +144,7 @@ def export(cfg, checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
-def plot_losses(stage1: list[float], stage2: list[float], path: Path) -> Path:
+def plot_losses(stage1: list[float], stage2: list[float], path: Path, tower: str = "EfficientNet-Lite0") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +157,7 @@ def plot_losses(stage1: list[float], stage2: list[float], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (mean token cross-entropy)")
-    ax.set_title("minigpt4 quickstart: EfficientNet-Lite0 + Q-Former + SmolLM2-135M")
+    ax.set_title(f"minigpt4 quickstart: {tower} + Q-Former + SmolLM2-135M")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -194,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     print("[1/7] preparing the embedded model (SmolLM2-135M-Instruct from its GGUF wheel; EfficientNet-Lite0)")
     t = time.perf_counter()
     llm_dir = prepare_smollm2()
+    preset, tower = TOWERS[args.tower]
+    if args.tower == "vit":
+        vit_path, made = prepare_distilled_vit_with_bar(preset)
+        print(f"      {'distilled' if made else 'reusing'} the ViT tower {vit_path}")
     t = lap("prepare", t)
 
     # ---- 2. data
@@ -208,11 +219,12 @@ def run(args: argparse.Namespace) -> int:
     stage2_sets = [{"kind": "conversations", "path": str(data.stage2), "ratio": 1.0}]
     raw1 = job_config(None, stage1_sets, out / "stage1", plan, 1, args.seed, args.device, out / "cache" / "stage1")
     raw1["model"]["llm"] = {"path": str(llm_dir)}
+    raw1["preset"] = preset
     _write_yaml(out / "stage1.yaml", raw1, yaml)
     cfg1 = train_config(out / "stage1.yaml")
 
     # ---- 3. frozen features, once (the frozen tower never runs during training)
-    print("[3/7] caching the frozen EfficientNet-Lite0 features")
+    print(f"[3/7] caching the frozen {tower} features")
     model = build_job_model(cfg1)  # as training builds it, so the cache's fingerprint matches
     transform = data_transform(cfg1)
     with tqdm(total=data.num_stage1 + data.num_stage2, desc="features", unit="img") as bar:
@@ -237,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[5/7] stage 2: {plan.stage2_steps} steps of {plan.stage2_batch_size} instruction conversations")
     raw2 = job_config(stage1_model, stage2_sets, out / "stage2", plan, 2, args.seed, args.device,
                       out / "cache" / "stage2")
+    raw2["preset"] = preset
     _write_yaml(out / "stage2.yaml", raw2, yaml)
     cfg2 = train_config(out / "stage2.yaml")
     result2 = train(cfg2)
@@ -274,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     t = lap("chat", t)
     total = time.perf_counter() - start
 
-    curve = plot_losses(result1.losses, result2.losses, out / "loss_curve.png")
+    curve = plot_losses(result1.losses, result2.losses, out / "loss_curve.png", tower)
     summary = {
         "total_seconds": round(total, 1),
         "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -283,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         "stage2": {"steps": result2.steps, "final_loss": result2.final_loss, "tokens_per_s": result2.tokens_per_second,
                    "samples_per_s": result2.samples_per_second},
         "seed": args.seed,
+        "tower": args.tower,
         "validation_stage1_captions": _score_json(score1),
         "validation": _score_json(score_val),
         "test": _score_json(score),
@@ -356,6 +370,31 @@ def eval_line(metrics: dict[str, dict[str, float]]) -> str:
             parts.append(f"POPE {name[5:]} acc {100 * scores['accuracy']:.1f} F1 {100 * scores['f1']:.1f} "
                          f"yes {100 * scores['yes_ratio']:.0f}%")
     return "; ".join(parts)
+
+
+def prepare_distilled_vit_with_bar(preset: str) -> tuple[Path, bool]:
+    """The embedded-vit preset's distilled ViT (`minigpt4.distil`), made now with a progress bar if not yet made."""
+    from tqdm import tqdm
+
+    from minigpt4.config import model_preset
+    from minigpt4.distil import DistilPlan, prepare_distilled_vit
+
+    config, plan = model_preset(preset), DistilPlan()
+    bar = None
+
+    def progress(step: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            print("      distilling EfficientNet-Lite0 into the ViT tower (once per machine)")
+            bar = tqdm(total=plan.steps, desc="distil", unit="step")
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        return prepare_distilled_vit(config.vision, config.weights.vit, plan, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _score_json(score) -> dict:
