@@ -139,3 +139,21 @@ def test_embedded_job_config_uses_the_embedded_preset():
     assert cfg.model.qformer.num_query_tokens == 8 and cfg.model.qformer.cross_attention_freq == 1
     assert cfg.model.llm.path == str(default_smollm2_dir())
     assert train_config("configs/stage1_pretrain.yaml").model.vision.arch == "eva_vit_g"  # still the default
+
+
+def test_quickstart_towers_are_presets_and_the_vit_one_exports():
+    from dataclasses import asdict
+
+    from minigpt4.commands.quickstart import TOWERS
+    from minigpt4.config import model_preset
+    from minigpt4.embedded import default_distilled_vit_path
+    from minigpt4.export import check_exportable
+
+    embedded, vit = (model_preset(TOWERS[name][0]) for name in ("efficientnet", "vit"))
+    assert embedded.vision.arch == "efficientnet_lite0" and vit.vision.arch == "eva_vit_g"
+    # Everything but the tower is the embedded model's; the ViT gives a CLS token + EfficientNet's 7x7 grid.
+    assert asdict(vit.qformer) == asdict(embedded.qformer) and vit.llm.path == embedded.llm.path
+    assert (vit.vision.image_size // vit.vision.patch_size) ** 2 == 49
+    assert vit.vision.layer_norm_eps == vit.vision.ln_vision_eps  # so the export's post_layernorm is exact
+    assert vit.weights.vit == str(default_distilled_vit_path())
+    check_exportable(vit)

@@ -83,6 +83,7 @@ class DistilReport:
     held_out_mse: float  # on new images; 1.0 is what predicting zeros scores (the targets are normed)
     held_out_cosine: float  # mean cosine similarity of predicted and teacher tokens on new images
     seconds: float
+    cpu_seconds: float  # of this process, all threads: on a busy machine a truer measure of the work than `seconds`
 
 
 def _jpeg_round_trip(image):
@@ -226,7 +227,7 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
         raise ValueError(f"vision.patch_size={student_config.patch_size}: the student needs 7x7 patches at 224 px "
                          "to match EfficientNet-Lite0's 7x7 feature map; use 32")
     path = Path(path)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     teacher = teacher if teacher is not None else build_teacher()
     data = DistilImages(plan, student_config.image_size)
     with torch.random.fork_rng(devices=[]):
@@ -268,14 +269,15 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
         cosine = float(F.cosine_similarity(predicted, target, dim=-1).mean())
     tail = losses[-max(1, plan.steps // 10):]
     report = DistilReport(path, plan.steps, losses[0], sum(tail) / len(tail), mse, cosine,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, time.process_time() - cpu_start)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file({k: v.detach().contiguous() for k, v in eva_layout(student.state_dict()).items()}, str(partial),
               metadata={"format": "pt"})
     record = {"version": DISTIL_VERSION, "student": asdict(student_config), "plan": asdict(plan),
               "first_loss": report.first_loss, "final_loss": report.final_loss,
-              "held_out_mse": mse, "held_out_cosine": cosine, "seconds": round(report.seconds, 1)}
+              "held_out_mse": mse, "held_out_cosine": cosine, "seconds": round(report.seconds, 1),
+              "cpu_seconds": round(report.cpu_seconds, 1)}
     # The tensors first, then their record: a crash in between leaves a file whose record does not match it,
     # which `prepare_distilled_vit` makes again.
     partial.rename(path)
