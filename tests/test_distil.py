@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from minigpt4.config import ConfigError, ModelConfig, VisionConfig, model_preset
+from minigpt4.convert import vision_to_eva
 from minigpt4.data.synthetic import SPLIT_SEED_OFFSETS
 from minigpt4.distil import (
     DISTIL_FIRST_SEED,
     DistilPlan,
     build_teacher,
-    eva_layout,
     prepare_distilled_vit,
     read_record,
 )
@@ -56,9 +56,9 @@ def test_the_distilled_file_loads_as_weights_vit_for_a_qformer_trained_from_scra
     # eva_vit_g.pth's layout: the keys of the released file (cls_token, pos_embed, patch_embed.*, blocks.N.*)
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.q_bias"} <= stored.keys()
     # and back: the same tensors the reader of the released file assigned
-    assert {f"vision.{k}": v for k, v in eva_layout(model.vision.state_dict()).items()}.keys() == {
+    assert {f"vision.{k}": v for k, v in vision_to_eva(model.vision.state_dict(), 'model').items()}.keys() == {
         f"vision.{k}" for k in stored}
-    for key, tensor in eva_layout(model.vision.state_dict()).items():
+    for key, tensor in vision_to_eva(model.vision.state_dict(), 'model').items():
         assert torch.equal(tensor, stored[key]), key
     with torch.no_grad():
         assert model.frozen_features(torch.randn(2, 3, 224, 224)).shape == (2, 50, 32)  # CLS + 7x7 patches
@@ -107,13 +107,13 @@ def test_distillation_images_are_none_a_quickstart_trains_or_scores_on():
     assert DISTIL_FIRST_SEED + 1_000_000 <= 10_000_000  # below run seed 1's first split
 
 
-def test_eva_layout_refuses_a_key_bias_and_unknown_names():
+def test_vision_to_eva_refuses_a_key_bias_and_unknown_names():
     state = build_vision_tower(ModelConfig(vision=STUDENT)).state_dict()
-    assert {k for k in eva_layout(state) if k.startswith("blocks.0.attn")} == {
+    assert {k for k in vision_to_eva(state, 'test') if k.startswith("blocks.0.attn")} == {
         "blocks.0.attn.qkv.weight", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "blocks.0.attn.proj.weight",
         "blocks.0.attn.proj.bias"}
     state["encoder.layers.0.self_attn.qkv.bias"][40] = 1.0  # in the key third (width 32)
     with pytest.raises(ValueError, match="nonzero key bias"):
-        eva_layout(state)
+        vision_to_eva(state, 'test')
     with pytest.raises(ValueError, match="post_layernorm.weight has no eva_vit_g.pth name"):
-        eva_layout({"post_layernorm.weight": torch.ones(32)})
+        vision_to_eva({"post_layernorm.weight": torch.ones(32)}, "test")

@@ -318,6 +318,25 @@ def eva_to_vision(
     return mapped, file_keys
 
 
+def vision_to_eva(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The inverse of `eva_to_vision`: a tower's state dict (Blip2VisionModel's names, no `vision.` prefix) under
+    eva_vit_g.pth's names, each `qkv.bias` split into EVA's q_bias and v_bias (its key third must be zero)."""
+    out = {}
+    for key, tensor in state.items():
+        name = _rename(key, _EVA_NAMES, backwards=True)
+        if name is None:
+            raise CheckpointError(f"{source}: {key} has no eva_vit_g.pth name")
+        if name.endswith(".q_bias and v_bias"):
+            q_bias, k_bias, v_bias = tensor.chunk(3)
+            if k_bias.any():
+                raise CheckpointError(f"{source}: {key} has a nonzero key bias, which EVA-ViT-g has not")
+            stem = name.removesuffix("q_bias and v_bias")
+            out[stem + "q_bias"], out[stem + "v_bias"] = q_bias, v_bias
+        else:
+            out[name] = tensor
+    return out
+
+
 def eva_vit_state_dict(
     state: dict[str, torch.Tensor], depth: int, num_patches: int, source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

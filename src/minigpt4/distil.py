@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,20 +41,6 @@ DISTIL_VERSION = "1"  # bump when the recipe changes, so cached towers are made 
 # last split and below run seed 1's first, holds no image any quickstart trains or is scored on.
 DISTIL_FIRST_SEED = 9_000_000
 HELD_OUT_IMAGES = 64  # drawn after the training images, for the fit the record reports
-
-# Our EVA-ViT (transformers' Blip2VisionModel) names -> eva_vit_g.pth's: the inverse of minigpt4.convert's table,
-# so the student is written in the released file's layout and loads through the same reader.
-_TO_EVA = [
-    (r"^embeddings\.class_embedding$", "cls_token"),
-    (r"^embeddings\.position_embedding$", "pos_embed"),
-    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-]
-_QKV_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 
 
 @dataclass(frozen=True)
@@ -147,28 +132,6 @@ class DistilImages:
         return torch.cat(pixels), torch.cat(targets)
 
 
-def eva_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A tower's state dict under eva_vit_g.pth's names; each `qkv.bias` becomes EVA's q_bias and v_bias (its key
-    third must be zero: EVA has no key bias)."""
-    out = {}
-    for key, tensor in state.items():
-        if match := _QKV_BIAS.match(key):
-            q_bias, k_bias, v_bias = tensor.chunk(3)
-            if k_bias.any():
-                raise ValueError(f"{key} has a nonzero key bias, which eva_vit_g.pth cannot hold")
-            out[f"blocks.{match.group(1)}.attn.q_bias"] = q_bias
-            out[f"blocks.{match.group(1)}.attn.v_bias"] = v_bias
-            continue
-        for pattern, replacement in _TO_EVA:
-            renamed, hits = re.subn(pattern, replacement, key)
-            if hits:
-                out[renamed] = tensor
-                break
-        else:
-            raise ValueError(f"{key} has no eva_vit_g.pth name")
-    return out
-
-
 def _zero_key_biases(student: nn.Module) -> None:
     """EVA has no key bias. It cannot change the attention (softmax ignores a shift shared by every key), so its
     gradient is only rounding noise, which Adam would still turn into steps: keep it at zero."""
@@ -218,6 +181,7 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
     `eva_vit_g.pth`'s layout, plus `path`.json). `progress(step, loss)` is called after every step."""
     from safetensors.torch import save_file
 
+    from minigpt4.convert import vision_to_eva
     from minigpt4.model.vision import build_vision_tower
 
     if student_config.arch != "eva_vit_g" or student_config.image_size != 224:
@@ -272,8 +236,8 @@ def distil_vit(student_config: VisionConfig, path: str | Path, plan: DistilPlan 
                           time.perf_counter() - start, time.process_time() - cpu_start)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous() for k, v in eva_layout(student.state_dict()).items()}, str(partial),
-              metadata={"format": "pt"})
+    eva = vision_to_eva(student.state_dict(), "the distilled student")  # the released file's layout
+    save_file({k: v.detach().contiguous() for k, v in eva.items()}, str(partial), metadata={"format": "pt"})
     record = {"version": DISTIL_VERSION, "student": asdict(student_config), "plan": asdict(plan),
               "first_loss": report.first_loss, "final_loss": report.final_loss,
               "held_out_mse": mse, "held_out_cosine": cosine, "seconds": round(report.seconds, 1),
