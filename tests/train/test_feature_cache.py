@@ -324,3 +324,26 @@ def test_cli_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_data, capsys):
     captured = capsys.readouterr()
     said = (captured.out + captured.err).strip()
     assert "feature cache" in said and "minigpt4 cache-features" in said and "Traceback" not in said
+
+
+def test_fingerprint_hashes_the_weights_bytes_without_copying_them(tiny_model):
+    """The fingerprint is blake2b over each frozen tensor's name, shape, dtype and bytes, then the transform: the
+    digest caches built before the no-copy hashing hold (and any change to one weight changes it)."""
+    import hashlib
+
+    from minigpt4.feature_cache.layout import fingerprint
+
+    transform = eval_transform(tiny_model.config.vision.image_size)
+    expected = hashlib.blake2b(digest_size=16)
+    modules = {"vision": tiny_model.vision, "ln_vision": tiny_model.ln_vision}
+    if not tiny_model.config.qformer.trainable:
+        modules["qformer"] = tiny_model.qformer
+    for prefix, module in modules.items():
+        for name, tensor in sorted(module.state_dict().items()):
+            expected.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            expected.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    expected.update(repr(transform).encode())
+    assert fingerprint(tiny_model, transform) == expected.hexdigest()
+    with torch.no_grad():
+        tiny_model.ln_vision.weight[0] += 1.0
+    assert fingerprint(tiny_model, transform) != expected.hexdigest()
