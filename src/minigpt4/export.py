@@ -69,7 +69,8 @@ def check_exportable(config: ModelConfig) -> None:
         raise ConfigError(
             f"model.vision.arch={config.vision.arch} cannot be exported to transformers: "
             "Blip2ForConditionalGeneration always builds an EVA-style Blip2VisionModel, which cannot hold the "
-            "EfficientNet tower; only eva_vit_g models (minigpt4-7b/13b, tiny) export"
+            "EfficientNet tower; eva_vit_g models export (minigpt4-7b/13b, tiny, and the quickstart's ViT form: "
+            "`minigpt4 quickstart --tower vit`)"
         )
     if config.connector != "qformer":
         raise ConfigError(

@@ -97,7 +97,7 @@ def test_efficientnet_tower_and_merge4_are_refused_in_one_line(tiny_model, tmp_p
     cfg = model_preset("embedded")
     with pytest.raises(ConfigError, match=r"^model.vision.arch=efficientnet_lite0 cannot be exported") as err:
         check_exportable(cfg)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "quickstart --tower vit" in str(err.value)
     with pytest.raises(ConfigError, match=r"^model.connector=merge4 cannot be exported"):
         check_exportable(model_preset("minigpt4-llama2-7b"))
     # From the command: refused from the checkpoint's config, before any model is loaded.
