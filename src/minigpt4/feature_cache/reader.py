@@ -51,6 +51,7 @@ class FeatureCache:
         if self.manifest["fingerprint"] != expected:
             raise StaleCacheError(
                 f"the feature cache {self.path} was made with other frozen weights or another image transform "
+                "(or by an earlier minigpt4, whose tower weights had other names) "
                 f"(cache {self.manifest['fingerprint']}, this run {expected}; cache transform "
                 f"{self.manifest['transform']}). Rebuild it with `minigpt4 cache-features`, "
                 "or unset data.feature_cache."
