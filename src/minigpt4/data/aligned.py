@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
-from typing import Iterator
 
 from minigpt4.data import SkippedSample
 from minigpt4.data.pipeline import (
@@ -96,16 +96,26 @@ class AlignedSource:
         if not caption.strip():
             return SkippedSample(self.annotation_file, image_id, "empty caption")
         path = str(self.root / IMAGE_DIR / f"{image_id}.jpg")
-        try:  # regular files only, up to the limit, checked before reading
-            image = read_image_file(path, self.max_image_bytes)
-        except FileNotFoundError:
-            return SkippedSample(path, image_id, "missing image: file not found")
-        except ImageTooLarge as err:
-            return SkippedSample(path, image_id, f"too large: {err} (not read)")
-        except ImageError as err:
-            return SkippedSample(path, image_id, f"unreadable image: {err}")
+        image = read_listed_image(path, image_id, self.max_image_bytes)
+        if isinstance(image, SkippedSample):
+            return image
         return Candidate(source=path, key=image_id, image=image, text=caption,
                          seed=stable_seed("aligned-sample", self.seed, epoch, index))
+
+
+def read_listed_image(path: str, key: str, max_image_bytes: int) -> bytes | SkippedSample:
+    """The bytes of an image a listing names, or the skip that says why it cannot be used.
+
+    Regular files only, up to `max_image_bytes`, checked before reading (shared by every listed-file source).
+    """
+    try:
+        return read_image_file(path, max_image_bytes)
+    except FileNotFoundError:
+        return SkippedSample(path, key, "missing image: file not found")
+    except ImageTooLarge as err:
+        return SkippedSample(path, key, f"too large: {err} (not read)")
+    except ImageError as err:
+        return SkippedSample(path, key, f"unreadable image: {err}")
 
 
 def stage2_batches(
@@ -127,10 +137,27 @@ def stage2_batches(
     """
     check_layout(batch_size, rank, world_size, num_workers, start_batch)
     source = AlignedSource(root, seed=seed, max_image_bytes=max_image_bytes)
+    return listed_batches(source, "annotations", transform, batch_size, rank=rank, world_size=world_size,
+                          num_workers=num_workers, start_batch=start_batch, positions=positions)
+
+
+def listed_batches(
+    source: AlignedSource,
+    items: str,
+    transform: ImageTransform,
+    batch_size: int,
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    start_batch: int,
+    positions: dict[str, int] | None,
+) -> Iterator[dict]:
+    """Batches of a listing source, after checking each reader gets a batch per pass (`items` names its records)."""
     readers = world_size * max(num_workers, 1)
     if source.per_slot(readers) < batch_size:
         raise ValueError(
-            f"{source.annotation_file} has {len(source.annotations)} annotations: too few for batch_size {batch_size} "
+            f"{source.annotation_file} has {len(source.annotations)} {items}: too few for batch_size {batch_size} "
             f"on {world_size} rank(s) x {max(num_workers, 1)} reader(s) each; lower batch_size or num_workers"
         )
     return rank_batches(SlotBatches(source, transform, batch_size, rank=rank, world_size=world_size,

@@ -18,21 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minigpt4.data import SkippedSample
-from minigpt4.data.aligned import AlignedSource
-from minigpt4.data.pipeline import (
-    Candidate,
-    ImageTransform,
-    SlotBatches,
-    check_layout,
-    rank_batches,
-    stable_seed,
-)
-from minigpt4.processing.image import (
-    MAX_IMAGE_BYTES,
-    ImageError,
-    ImageTooLarge,
-    read_image_file,
-)
+from minigpt4.data.aligned import AlignedSource, listed_batches, read_listed_image
+from minigpt4.data.pipeline import Candidate, ImageTransform, check_layout, stable_seed
+from minigpt4.processing.image import MAX_IMAGE_BYTES
 
 IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
@@ -100,14 +88,9 @@ class ConversationSource(AlignedSource):
         if isinstance(pairs, str):
             return SkippedSample(self.annotation_file, key, pairs)
         path = str(self.root / image)
-        try:  # regular files only, up to the limit, checked before reading
-            data = read_image_file(path, self.max_image_bytes)
-        except FileNotFoundError:
-            return SkippedSample(path, key, "missing image: file not found")
-        except ImageTooLarge as err:
-            return SkippedSample(path, key, f"too large: {err} (not read)")
-        except ImageError as err:
-            return SkippedSample(path, key, f"unreadable image: {err}")
+        data = read_listed_image(path, key, self.max_image_bytes)
+        if isinstance(data, SkippedSample):
+            return data
         return Candidate(source=path, key=key, image=data, text=json.dumps(pairs, ensure_ascii=False),
                          seed=stable_seed("conversation-sample", self.seed, epoch, index))
 
@@ -131,11 +114,5 @@ def conversation_batches(
     """
     check_layout(batch_size, rank, world_size, num_workers, start_batch)
     source = ConversationSource(path, seed=seed, max_image_bytes=max_image_bytes)
-    readers = world_size * max(num_workers, 1)
-    if source.per_slot(readers) < batch_size:
-        raise ValueError(
-            f"{path} has {len(source.annotations)} conversations: too few for batch_size {batch_size} on "
-            f"{world_size} rank(s) x {max(num_workers, 1)} reader(s) each; lower batch_size or num_workers"
-        )
-    return rank_batches(SlotBatches(source, transform, batch_size, rank=rank, world_size=world_size,
-                                    num_workers=num_workers, start_batch=start_batch, positions=positions))
+    return listed_batches(source, "conversations", transform, batch_size, rank=rank, world_size=world_size,
+                          num_workers=num_workers, start_batch=start_batch, positions=positions)
