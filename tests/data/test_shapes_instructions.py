@@ -86,6 +86,20 @@ def test_conversations_cover_every_kind_balanced_yes_no_and_several_rounds(data)
     assert question.endswith(SHORT_ANSWER_SUFFIX) and answer == "2"
 
 
+def test_the_probe_weight_sets_the_yes_no_share_of_the_mix():
+    scene = Scene("red", "circle", 1, "top left", "white", 0)
+
+    def probe_share(weight: float) -> float:
+        rng = random.Random(1)
+        asked = [_kind_of(q) for _ in range(600) for q, _ in conversation(scene, rng, [("blue", "star")], probe_weight=weight)]
+        return asked.count("yes_no") / len(asked)
+
+    # Six kinds; drawn without repeats, so a probe is about 1/6 of the rounds at weight 1 (a bit more: later
+    # rounds pick from what is left).
+    assert probe_share(0.0) == 0.0
+    assert 0.03 < probe_share(0.25) < 0.08 < 0.13 < probe_share(1.0) < 0.22
+
+
 def _kind_of(question: str) -> str:
     lowered = question.lower()
     for word, kind in (("colour", "colour"), ("shape is", "shape"), ("which shape", "shape"), ("how many", "count"),

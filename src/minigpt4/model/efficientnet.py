@@ -69,7 +69,9 @@ class EfficientNetLiteTower(nn.Module):
         """(B, 3, H, W) CLIP-normalised pixels -> (B, 1280, H/32, W/32)."""
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(pixels.shape[-2:])}")
-        return self.net.extract_features(self.to_lite_pixels(pixels))
+        # Channels-last input: oneDNN's depthwise convolutions run ~1.5x faster on it on a CPU (measured on the
+        # 2-core development machine, fp32, batch 32: 1.6 s -> 1.0 s); the features are the same (float rounding).
+        return self.net.extract_features(self.to_lite_pixels(pixels).contiguous(memory_format=torch.channels_last))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.feature_map(pixels).flatten(2).transpose(1, 2)  # (B, C, 7, 7) -> (B, 49, C)
