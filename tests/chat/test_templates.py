@@ -12,7 +12,7 @@ from minigpt4.chat.templates import (
     prompt_length,
 )
 from minigpt4.model.llm import load_tokenizer
-from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, layout_sample
+from minigpt4.processing.prompt import VICUNA_V0_TEMPLATE, conversation_turns, layout_conversation, layout_sample
 
 # SmolLM2-135M-Instruct's chat template (ChatML), as its GGUF ships it.
 CHATML = (
@@ -177,3 +177,19 @@ def test_truncation_drops_image_turns_last_and_fails_clearly(tokenizer):
     assert fit_messages(template, messages, None, tokenizer, 8, only_last) == [4]
     with pytest.raises(ValueError, match="the last message alone needs"):
         fit_messages(template, messages, None, tokenizer, 8, only_last - 1)
+
+
+def test_a_vicuna_v0_train_history_is_read_in_the_tokens_training_wrote(tokenizer):
+    # Training tokenizes each prompt and each answer + "###" on its own (`conversation_turns`); a history rendered
+    # as one string would merge the prompt's trailing space into the answer's first word ("Ġcat" for "Ġ" + "cat").
+    exchanges = [("What is in the picture?", "cat on a sofa."), ("What colour is it?", "grey"), ("Where?", None)]
+    trained = layout_conversation(
+        tokenizer, conversation_turns(VICUNA_V0_TEMPLATE, exchanges, "###", "<Img><ImageHere></Img>"), 4, "###")
+    history = [Message("user", "What is in the picture?", images=1), Message("assistant", "cat on a sofa."),
+               Message("user", "What colour is it?"), Message("assistant", "grey"), Message("user", "Where?")]
+    prompt = get_template("vicuna_v0_train", tokenizer).render(history, None)
+    assert layout_sample(tokenizer, prompt, 4).input_ids == trained.input_ids
+    # The same text as before, and what the whole string would have given differs.
+    assert prompt == "".join(VICUNA_V0_TEMPLATE.format(q) + (a or "") for q, a in
+                             [("<Img><ImageHere></Img> " + exchanges[0][0], exchanges[0][1]), *exchanges[1:]])
+    assert layout_sample(tokenizer, str(prompt), 4).input_ids != trained.input_ids

@@ -27,7 +27,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, VICUNA_V0_TEMPLATE, layout_sample
+from minigpt4.processing.prompt import IMAGE_PLACEHOLDER, VICUNA_V0_TEMPLATE, PiecedPrompt, layout_sample
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,20 @@ class VicunaV0TrainTemplate(VicunaV0Template):
     name = "vicuna_v0_train"
     default_system = ""
 
-    def _render(self, messages: Sequence[Message], system: str) -> str:
-        parts = [system]
+    def _render(self, messages: Sequence[Message], system: str) -> PiecedPrompt:
+        # The pieces training tokenizes apart (`conversation_turns`): each question's prompt, and each answer with
+        # the "###" that ends it (taken off the next prompt), so that a history is read in training's tokens.
+        pieces = [system]
         for message in messages:
             if message.role == "user":
-                parts.append(VICUNA_V0_TEMPLATE.format(self.user_content(message)))
+                prompt = VICUNA_V0_TEMPLATE.format(self.user_content(message))
+                if len(pieces) > 1:  # after an answer: its end symbol is this prompt's "###"
+                    pieces[-1] += self.sep
+                    prompt = prompt[len(self.sep):]
+                pieces.append(prompt)
             else:
-                parts.append(message.text)
-        return "".join(parts)
+                pieces.append(message.text)
+        return PiecedPrompt([pieces[0] + pieces[1], *pieces[2:]])
 
 
 class CaptionTemplate(ConversationTemplate):

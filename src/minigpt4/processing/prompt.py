@@ -26,6 +26,23 @@ VICUNA_V0_TEMPLATE = "###Human: {} ###Assistant: "
 LLAMA2_TEMPLATE = "[INST] {} [/INST] "
 
 
+class PiecedPrompt(str):
+    """A prompt that is tokenized piece by piece: as a `str` it is the whole text, but `layout_sample` tokenizes
+    each of `pieces` on its own, as training tokenizes a conversation (each prompt and each answer + end_sym apart).
+
+    A chat history rendered as one string would merge text across those boundaries (a prompt's trailing space
+    into the next answer's first word), so the model would read its own earlier answers in tokens it never
+    trained on. A template whose training layout is known renders this instead of a plain string.
+    """
+
+    pieces: tuple[str, ...]
+
+    def __new__(cls, pieces: Sequence[str]) -> PiecedPrompt:
+        prompt = super().__new__(cls, "".join(pieces))
+        prompt.pieces = tuple(pieces)
+        return prompt
+
+
 @dataclass
 class LaidOut:
     """One sample, before padding."""
@@ -80,7 +97,15 @@ def layout_sample(
         end_sym: appended to the target ("\\n" in stage 1, "###" in stage 2, "</s>" in the Llama-2 stage 2).
         max_target_len: truncation of target + end_sym in tokens (so end_sym can be cut, as in the original).
         add_bos: prepend the tokenizer's BOS token when it has one.
+
+    A `PiecedPrompt` (a chat history, for generation) is tokenized piece by piece.
     """
+    if isinstance(prompt, PiecedPrompt) and len(prompt.pieces) > 1:
+        if target is not None:
+            raise ValueError("a PiecedPrompt is a chat history for generation; it takes no target")
+        turns: list[tuple[str, str | None]] = [(piece, "") for piece in prompt.pieces[:-1]]
+        return layout_conversation(tokenizer, [*turns, (prompt.pieces[-1], None)], num_image_tokens,
+                                   add_bos=add_bos)
     return layout_conversation(tokenizer, [(prompt, target)], num_image_tokens, end_sym, max_target_len, add_bos)
 
 
