@@ -117,6 +117,17 @@ def test_caption_folder_and_shards_resumable(tiny_llm_dir, photo, tmp_path, caps
     assert "1 captioned, 3 already done" in capsys.readouterr().err
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
 
+    # A kill mid-write leaves half a line without its newline: it is dropped, and the record written after it
+    # starts on a line of its own (not glued to the fragment).
+    out.write_text("".join(json.dumps(r) + "\n" for r in records[:3]) + json.dumps(records[3])[:25])
+    assert main(args) == 0
+    assert "1 captioned, 3 already done" in capsys.readouterr().err
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    # Any other line that is not a record is an error naming it, not silently captioned again.
+    out.write_text(json.dumps(records[0]) + "\nnot json\n" + json.dumps(records[1]) + "\n")
+    assert main(args) == 2
+    assert f"{out} line 2 is not a caption record" in capsys.readouterr().err
+
     # A list file names inputs too; a missing entry is skipped and counted.
     listing = tmp_path / "list.txt"
     listing.write_text(f"# photos\n{folder / 'a.png'}\n{tmp_path / 'gone.png'}\n")

@@ -18,7 +18,7 @@ from minigpt4.commands.model_options import (
     load_model,
     split_overrides,
 )
-from minigpt4.commands.paths import check_output_file
+from minigpt4.commands.paths import check_output_file, read_appended_records
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +116,9 @@ def iter_items(specs: list[str], skipped: list[str]) -> Iterator[Item]:
 
 
 def done_items(output: Path) -> set[tuple[str, str]]:
-    """(source, key) of the records already in `output` (a cut-off last line from an interrupted run is ignored)."""
-    done: set[tuple[str, str]] = set()
-    if not output.exists():
-        return done
-    with output.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                record = json.loads(line)
-                done.add((record["source"], record["key"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                log.warning("%s line %d is not a caption record; ignored", output, number)
-    return done
+    """(source, key) of the records already in `output` (`read_appended_records`: a line cut off by an
+    interrupted run is dropped and the file repaired, so the next record starts on its own line)."""
+    return set(read_appended_records(output, lambda r: (str(r["source"]), str(r["key"])), "a caption record"))
 
 
 def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:

@@ -31,7 +31,7 @@ from minigpt4.commands.model_options import (
     generation_settings,
     load_model,
 )
-from minigpt4.commands.paths import check_output_folder
+from minigpt4.commands.paths import check_output_folder, read_appended_records
 from minigpt4.eval.tasks import QUESTION, TASKS, Sample
 
 log = logging.getLogger(__name__)
@@ -66,32 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_predictions(path: Path, repair: bool = True) -> dict[str, dict]:
-    """id -> record of the predictions already in `path`.
+    """id -> record of the predictions already in `path` (`read_appended_records`: a line cut off by an
+    interrupted run is dropped, any other bad line is an error)."""
+    def parse(record: dict) -> tuple[str, dict]:
+        return str(record["id"]), {**record, "prediction": str(record["prediction"])}
 
-    An interrupted run can leave a last line without its newline (cut off, or whole): a cut-off line is
-    dropped and, with `repair` (the process that appends to `path`), the file is rewritten so that the
-    next record starts on a line of its own. Any other bad line is an error (the file is not ours to
-    guess about).
-    """
-    if not path.exists():
-        return {}
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")  # the last item is "" when the file ends with a newline
-    records: dict[str, dict] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            records[str(record["id"])] = {**record, "prediction": str(record["prediction"])}
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            if number < len(lines):  # a line with its newline: not an interruption's doing
-                raise CommandError(f"{path} line {number} is not a prediction record ({err}); delete or fix "
-                                   "it") from None
-            log.warning("%s: dropping its last line, cut off by an interrupted run", path)
-    if repair and text and not text.endswith("\n"):
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()), encoding="utf-8")
-    return records
+    return dict(read_appended_records(path, parse, "a prediction record", repair))
 
 
 def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
