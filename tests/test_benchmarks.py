@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,21 @@ def test_cache_recipe_multiplies_measured_costs_out_to_the_stage2_recipe(tmp_pat
     assert variants["ours+cache, 4 views (data.augment=true, as the recipe)"]["build_s"] == pytest.approx(7002)
     assert result["breakeven_passes"] == {"1": pytest.approx(1 + 2 / 1750), "4": pytest.approx(4 + 2 / 1750)}
     assert "COMPUTED" in capsys.readouterr().out
+
+
+def test_quickstart_stage2_trials_table_shows_each_trial_on_validation(tmp_path, capsys, monkeypatch):
+    """`benchmarks.quickstart_stage2 summarize` prints one row per trial folder, from the records it wrote."""
+    from benchmarks import quickstart_stage2
+
+    records = json.loads((Path(quickstart_stage2.__file__).parent / "results" /
+                          "quickstart-stage2-trials.json").read_text())
+    for record in records:
+        (tmp_path / record["trial"]).mkdir()
+        (tmp_path / record["trial"] / "summary.json").write_text(json.dumps(record))
+    monkeypatch.setattr("sys.argv", ["quickstart_stage2", "summarize", "--output", str(tmp_path)])
+    quickstart_stage2.main()
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 2 + len(records) and rows[0].startswith("| trial |")
+    base = next(row for row in rows if row.startswith("| base |"))
+    # Seed 0's validation split, trial "base": 35% right descriptions, VQA 59.7%, POPE all "yes" (50%, 100%).
+    assert "| 35% | 59.7 (28 / 95 / 85 / 26) | 50, 100% / 50, 100% / 50, 100% | 1.40 |" in base
