@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from minigpt4.commands.model_options import (
     split_overrides,
 )
 from minigpt4.commands.paths import check_output_file, read_appended_records
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe this image in detail."
