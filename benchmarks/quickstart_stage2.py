@@ -49,6 +49,7 @@ TRIALS: dict[str, Trial] = {
     "no_probes": Trial(probe_weight=0.0),  # the instruction mix without the yes/no probes
     "lr_2e-3": Trial(lr=2e-3, min_lr=6e-4),
     "lr_4e-3": Trial(lr=4e-3, min_lr=1.2e-3),
+    "steps_400": Trial(steps=400),  # what the 20-minute budget leaves room for (~4 more minutes here)
 }
 
 

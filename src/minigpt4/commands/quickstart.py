@@ -62,6 +62,8 @@ class Plan:
 # everywhere (descriptions 27% and 4% vs 35%, VQA 48% and 38% vs 60%), training the projection alone (MiniGPT-4's
 # own stage 2) matched VQA but described worse (CIDEr 0.74 vs 1.40), and leaving the yes/no probes out neither made
 # POPE answerable nor the rest clearly better; so stage 2 keeps lr 1e-3 -> 3e-4, 240 x 8, a trainable Q-Former.
+# 400 steps (trial steps_400, run after the README's 3-seed report) did better still (descriptions 50%, VQA 65%);
+# adopting it waits for the 3 seeds to be run again with it.
 # POPE stays at chance: the frozen 135M LLM cannot tell a present object from an absent one even when it is written
 # out as text (`python -m benchmarks.quickstart_stage2 text-probe`).
 # The test splits are sized for a CPU: `minigpt4 eval` asks about 8 questions per image (a caption, 3-4 VQA
